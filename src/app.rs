@@ -1,0 +1,134 @@
+//! Assembles a run of a topology from a connection profile, and reports on it.
+//! The CLI, the golden-file tests and the benches all go through here, so
+//! they run exactly what users run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use crate::avro::FileRegistry;
+use crate::clock::SharedClock;
+use crate::config::{EmbedderProfile, Profile};
+use crate::embed::Embedder;
+use crate::embed::hashing::HashingEmbedder;
+use crate::embed::openai::OpenAiEmbedder;
+use crate::flow::Metrics;
+use crate::flow::runner::{RunReport, Until};
+use crate::log::embedded::EmbeddedLog;
+use crate::record::{OutgoingRecord, TopicPartition};
+use crate::store::embedded::EmbeddedStore;
+use crate::topology::Deps;
+use crate::topology::spec::TopologySpec;
+
+/// The embedded default: in-process log, Parquet store, file registry and
+/// the profile's embedder.
+pub struct Embedded {
+    pub log: EmbeddedLog,
+    pub store: Arc<EmbeddedStore>,
+    pub registry: Arc<FileRegistry>,
+    pub embedder: Arc<dyn Embedder>,
+    pub clock: SharedClock,
+}
+
+impl Embedded {
+    pub fn open(profile: &Profile, clock: SharedClock) -> anyhow::Result<Self> {
+        let dir = profile.data_dir();
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
+        let store = Arc::new(EmbeddedStore::open(dir)?);
+        let registry = Arc::new(FileRegistry::open(dir.join("registry.json"))?);
+        let embedder = build_embedder(&profile.embedder, clock.clone())?;
+        Ok(Self { log: EmbeddedLog::new(clock.clone()), store, registry, embedder, clock })
+    }
+
+    /// Registers the bundled schemas for the topology's topics, so that ids are
+    /// assigned in a stable order and records written with older versions decode.
+    pub fn register_schemas(&self, spec: &TopologySpec) -> anyhow::Result<()> {
+        self.registry.register_bundled(&[(spec.source.topic.as_str(), spec.source.schema.as_str())])?;
+        Ok(())
+    }
+
+    /// Loads `records` into the source topic and runs the topology until they
+    /// are all processed.
+    pub async fn run_to_end(&self, spec: &TopologySpec, records: Vec<OutgoingRecord>) -> anyhow::Result<Summary> {
+        self.register_schemas(spec)?;
+        self.log.create_topic(&spec.source.topic, spec.source.partitions);
+        for r in records {
+            self.log.append(r);
+        }
+        let metrics = Arc::new(Metrics::default());
+        let deps = Deps {
+            producer: Arc::new(self.log.producer()),
+            registry: self.registry.clone(),
+            store: self.store.clone(),
+            embedder: self.embedder.clone(),
+            clock: self.clock.clone(),
+            metrics: metrics.clone(),
+        };
+        let consumer = self.log.consumer(&spec.group(), &[spec.source.topic.as_str()]);
+        let report = crate::topology::atom_ingestion::run(spec, &deps, consumer, Until::Drained, std::future::pending()).await?;
+        Ok(Summary::new(spec, &metrics, report))
+    }
+}
+
+pub fn build_embedder(profile: &EmbedderProfile, clock: SharedClock) -> anyhow::Result<Arc<dyn Embedder>> {
+    Ok(match profile {
+        EmbedderProfile::Hashing(h) => Arc::new(HashingEmbedder::new(h.dimension, h.max_batch)),
+        EmbedderProfile::Openai(o) => Arc::new(OpenAiEmbedder::new(o.clone(), clock).map_err(anyhow::Error::msg)?),
+    })
+}
+
+/// What one run did, as printed by `demo` and `run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub topology: String,
+    pub records_in: u64,
+    pub atoms_stored: u64,
+    pub duplicates_skipped: u64,
+    pub skipped_by_reason: BTreeMap<String, u64>,
+    pub embedding_calls: u64,
+    pub embedded_contents: u64,
+    pub dead_lettered: u64,
+    pub dead_letters_by_reason: BTreeMap<String, u64>,
+    pub events_published: u64,
+    pub committed: BTreeMap<TopicPartition, i64>,
+}
+
+impl Summary {
+    pub fn new(spec: &TopologySpec, m: &Metrics, report: RunReport) -> Self {
+        let skipped: BTreeMap<String, u64> = m.skipped_by_reason().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let dead = m.dead_letters_by_reason();
+        Self {
+            topology: spec.name.clone(),
+            records_in: Metrics::get(&m.records_in),
+            atoms_stored: Metrics::get(&m.atoms_stored),
+            duplicates_skipped: skipped.iter().filter(|(k, _)| k.starts_with("duplicate.")).map(|(_, v)| v).sum(),
+            skipped_by_reason: skipped,
+            embedding_calls: Metrics::get(&m.embedding_calls),
+            embedded_contents: Metrics::get(&m.embedded_texts),
+            dead_lettered: dead.values().sum(),
+            dead_letters_by_reason: dead,
+            events_published: Metrics::get(&m.events_published),
+            committed: report.committed,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "{} summary", self.topology);
+        let _ = writeln!(s, "  records in            {:>8}", self.records_in);
+        let _ = writeln!(s, "  atoms stored          {:>8}", self.atoms_stored);
+        let _ = writeln!(s, "  duplicates skipped    {:>8}", self.duplicates_skipped);
+        for (reason, n) in &self.skipped_by_reason {
+            let _ = writeln!(s, "    {reason:<22}{n:>6}");
+        }
+        let _ = writeln!(s, "  embedding calls       {:>8}  ({} contents embedded)", self.embedding_calls, self.embedded_contents);
+        let _ = writeln!(s, "  dead-lettered         {:>8}", self.dead_lettered);
+        for (reason, n) in &self.dead_letters_by_reason {
+            let _ = writeln!(s, "    {reason:<22}{n:>6}");
+        }
+        let _ = writeln!(s, "  events published      {:>8}", self.events_published);
+        let committed: Vec<String> = self.committed.iter().map(|(tp, o)| format!("{tp}@{o}")).collect();
+        let _ = write!(s, "  committed             {}", if committed.is_empty() { "nothing".to_string() } else { committed.join(" ") });
+        s
+    }
+}

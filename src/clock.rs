@@ -1,0 +1,116 @@
+//! Injected time. Everything that waits or stamps goes through a [`Clock`],
+//! so that window and retry tests advance time themselves instead of sleeping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+/// A source of "now" and of sleeps.
+///
+/// Contract: `now_ms` never goes backwards for a given clock, and a sleep of
+/// `d` completes no earlier than `now_ms() + d` as seen by the same clock.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+    /// Completes once `d` has elapsed on this clock.
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()>;
+}
+
+pub type SharedClock = Arc<dyn Clock>;
+
+/// Wall-clock time with tokio timers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
+}
+
+pub fn system() -> SharedClock {
+    Arc::new(SystemClock)
+}
+
+/// A clock that moves only when told to. Sleepers wake when [`ManualClock::advance`]
+/// carries the time past their deadline.
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    now: Arc<watch::Sender<i64>>,
+}
+
+impl ManualClock {
+    pub fn new(start_ms: i64) -> Self {
+        Self { now: Arc::new(watch::channel(start_ms).0) }
+    }
+
+    pub fn advance(&self, d: Duration) {
+        self.now.send_modify(|t| *t += d.as_millis() as i64);
+    }
+
+    pub fn shared(&self) -> SharedClock {
+        Arc::new(self.clone())
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        *self.now.borrow()
+    }
+
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+        let deadline = self.now_ms() + d.as_millis() as i64;
+        let mut rx = self.now.subscribe();
+        Box::pin(async move {
+            // `wait_for` checks the current value first, so a zero sleep is immediate.
+            let _ = rx.wait_for(|t| *t >= deadline).await;
+        })
+    }
+}
+
+/// Runs `fut` with a deadline measured on `clock`. `None` means it timed out.
+pub async fn timeout<F: std::future::Future>(clock: &dyn Clock, d: Duration, fut: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        out = fut => Some(out),
+        _ = clock.sleep(d) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn manual_sleep_wakes_only_after_advance() {
+        let clock = ManualClock::new(1_000);
+        let sleep = clock.sleep(Duration::from_millis(50));
+        tokio::pin!(sleep);
+        assert!(futures::poll!(sleep.as_mut()).is_pending());
+        clock.advance(Duration::from_millis(49));
+        assert!(futures::poll!(sleep.as_mut()).is_pending());
+        clock.advance(Duration::from_millis(1));
+        sleep.await;
+        assert_eq!(clock.now_ms(), 1_050);
+    }
+
+    #[tokio::test]
+    async fn timeout_reports_expiry_on_manual_clock() {
+        let clock = ManualClock::new(0);
+        let c2 = clock.clone();
+        let never = futures::future::pending::<()>();
+        let t = tokio::spawn(async move { timeout(&c2, Duration::from_secs(1), never).await });
+        tokio::task::yield_now().await;
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(t.await.unwrap(), None);
+    }
+}

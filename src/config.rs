@@ -1,0 +1,190 @@
+//! Connection profiles (`connectors/*.toml`): which log, store, registry and
+//! embedder a run uses. Parsed with unknown fields denied, overridden from
+//! the environment, then checked before anything runs. Every error names the
+//! file, the field and the fix.
+//!
+//! Environment overrides:
+//! - `HARTONOMOUS_DATA_DIR` sets `store.data_dir` (for every command);
+//! - `HARTONOMOUS__<SECTION>__<FIELD>=value` sets any field, e.g.
+//!   `HARTONOMOUS__EMBEDDER__DIMENSION=768`. The value is read as TOML
+//!   (a number, a boolean, a quoted string) and otherwise as a bare string.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::embed::openai::OpenAiConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Io { file: String, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: field `{field}` {message}")]
+    Invalid { file: String, field: String, message: String },
+}
+
+impl ConfigError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { file: path.display().to_string(), source }
+    }
+
+    pub fn toml(path: &Path, e: toml::de::Error) -> Self {
+        Self::Parse { file: path.display().to_string(), message: e.to_string().trim_end().to_string() }
+    }
+
+    pub fn invalid(path: &Path, field: &str, message: impl Into<String>) -> Self {
+        Self::Invalid { file: path.display().to_string(), field: field.to_string(), message: message.into() }
+    }
+}
+
+/// The built-in profile, identical to `connectors/embedded.toml`.
+pub const EMBEDDED_PROFILE: &str = include_str!("../connectors/embedded.toml");
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub log: LogProfile,
+    pub store: StoreProfile,
+    #[serde(default)]
+    pub registry: RegistryProfile,
+    pub embedder: EmbedderProfile,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum LogProfile {
+    /// The in-process log: topics live in memory for the length of one command.
+    Embedded {},
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum StoreProfile {
+    /// Parquet files under `data_dir`, queried with DataFusion SQL.
+    Embedded { data_dir: PathBuf },
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum RegistryProfile {
+    /// `<data_dir>/registry.json`: ids stay stable across runs.
+    #[default]
+    File,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum EmbedderProfile {
+    /// The built-in feature-hashing model: deterministic, local, no server.
+    Hashing(HashingProfile),
+    /// Any OpenAI-compatible `/v1/embeddings` service.
+    Openai(OpenAiConfig),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HashingProfile {
+    pub dimension: usize,
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+}
+
+fn default_max_batch() -> usize {
+    256
+}
+
+impl Profile {
+    /// Loads `path`, or the built-in embedded profile when `None`, applies the
+    /// environment overrides, and checks the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (name, text) = match path {
+            Some(p) => (p.to_path_buf(), std::fs::read_to_string(p).map_err(|e| ConfigError::io(p, e))?),
+            None => (PathBuf::from("connectors/embedded.toml (built in)"), EMBEDDED_PROFILE.to_string()),
+        };
+        Self::parse(&name, &text, std::env::vars())
+    }
+
+    pub fn parse(path: &Path, text: &str, env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| ConfigError::toml(path, e))?;
+        for (key, value) in env {
+            let fields: Vec<String> = if key == "HARTONOMOUS_DATA_DIR" {
+                vec!["store".into(), "data_dir".into()]
+            } else if let Some(rest) = key.strip_prefix("HARTONOMOUS__") {
+                rest.split("__").map(str::to_lowercase).collect()
+            } else {
+                continue;
+            };
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value.clone()));
+            set_path(&mut doc, &fields, parsed).map_err(|m| ConfigError::invalid(path, &key, m))?;
+        }
+        let profile: Profile = doc.try_into().map_err(|e| ConfigError::toml(path, e))?;
+        profile.check(path)?;
+        Ok(profile)
+    }
+
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        match &self.store {
+            StoreProfile::Embedded { data_dir } if data_dir.as_os_str().is_empty() => {
+                return Err(ConfigError::invalid(path, "store.data_dir", "is empty; set a directory, or HARTONOMOUS_DATA_DIR"));
+            }
+            StoreProfile::Embedded { .. } => {}
+        }
+        match &self.embedder {
+            EmbedderProfile::Hashing(h) if h.dimension == 0 || h.dimension > 16_384 => {
+                Err(ConfigError::invalid(path, "embedder.dimension", format!("is {}; use 1..=16384 (384 is typical)", h.dimension)))
+            }
+            EmbedderProfile::Hashing(h) if h.max_batch == 0 => Err(ConfigError::invalid(path, "embedder.max_batch", "is 0; use at least 1")),
+            EmbedderProfile::Openai(o) => o.check().map_err(|m| ConfigError::invalid(path, "embedder", m)),
+            EmbedderProfile::Hashing(_) => Ok(()),
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        match &self.store {
+            StoreProfile::Embedded { data_dir } => data_dir,
+        }
+    }
+}
+
+fn set_path(doc: &mut toml::Table, fields: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = fields.split_last().ok_or("names no field")?;
+    let mut table = doc;
+    for f in parents {
+        table = table
+            .entry(f.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| format!("cannot set `{f}`: it is not a section"))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn builtin_profile_parses_and_env_overrides_apply() {
+        let p = Profile::parse(Path::new("e.toml"), EMBEDDED_PROFILE, env(&[("HARTONOMOUS_DATA_DIR", "/tmp/x"), ("HARTONOMOUS__EMBEDDER__DIMENSION", "64")])).unwrap();
+        assert_eq!(p.data_dir(), Path::new("/tmp/x"));
+        assert!(matches!(p.embedder, EmbedderProfile::Hashing(HashingProfile { dimension: 64, .. })));
+    }
+
+    #[test]
+    fn errors_name_file_field_and_fix() {
+        let e = Profile::parse(Path::new("e.toml"), EMBEDDED_PROFILE, env(&[("HARTONOMOUS__EMBEDDER__DIMENSION", "0")])).unwrap_err().to_string();
+        assert!(e.contains("e.toml") && e.contains("embedder.dimension") && e.contains("use 1..=16384"), "{e}");
+        let e = Profile::parse(Path::new("e.toml"), &EMBEDDED_PROFILE.replace("data_dir", "data_dri"), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("e.toml") && e.contains("data_dri"), "{e}");
+    }
+}

@@ -1,0 +1,106 @@
+//! Dead letters: a record that a stage could not process, kept with its
+//! original bytes and its provenance.
+//!
+//! On the dead-letter topic a dead letter is the original key and payload,
+//! unchanged, with the original headers plus the provenance headers below
+//! (the convention of Kafka Connect's `errors.deadletterqueue.context.headers`).
+//! Redriving is then a plain copy back to the source topic. The same facts are
+//! archived in the store's `dead_letters` table, shaped like
+//! `schemas/avro/DeadLetter.v1.avsc`.
+
+use crate::flow::batch::End;
+use crate::record::{OutgoingRecord, Record};
+use crate::store::DeadLetterRow;
+
+pub const H_TOPOLOGY: &str = "hartonomous.dlq.topology";
+pub const H_TOPIC: &str = "hartonomous.dlq.source.topic";
+pub const H_PARTITION: &str = "hartonomous.dlq.source.partition";
+pub const H_OFFSET: &str = "hartonomous.dlq.source.offset";
+pub const H_STAGE: &str = "hartonomous.dlq.stage";
+pub const H_REASON: &str = "hartonomous.dlq.reason";
+pub const H_ERROR: &str = "hartonomous.dlq.error";
+pub const H_ATTEMPTS: &str = "hartonomous.dlq.attempts";
+pub const H_FAILED_AT: &str = "hartonomous.dlq.failed_at_ms";
+
+/// The facts about one dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter<'a> {
+    pub topology: &'a str,
+    pub record: &'a Record,
+    pub stage: &'a str,
+    pub reason: &'a str,
+    pub error: &'a str,
+    pub attempts: u32,
+    pub failed_at_ms: i64,
+}
+
+impl<'a> DeadLetter<'a> {
+    /// `None` unless `end` is a dead end.
+    pub fn from_end(topology: &'a str, record: &'a Record, end: &'a End) -> Option<Self> {
+        match end {
+            End::Dead { stage, rejection, failed_at_ms } => Some(Self {
+                topology,
+                record,
+                stage,
+                reason: &rejection.code,
+                error: &rejection.message,
+                attempts: rejection.attempts,
+                failed_at_ms: *failed_at_ms,
+            }),
+            End::Skipped(_) => None,
+        }
+    }
+
+    pub fn to_outgoing(&self, dlq_topic: &str) -> OutgoingRecord {
+        let mut headers = self.record.headers.clone();
+        let p = &self.record.position;
+        headers
+            .insert(H_TOPOLOGY, self.topology)
+            .insert(H_TOPIC, &*p.tp.topic)
+            .insert(H_PARTITION, p.tp.partition.to_string())
+            .insert(H_OFFSET, p.offset.to_string())
+            .insert(H_STAGE, self.stage)
+            .insert(H_REASON, self.reason)
+            .insert(H_ERROR, self.error)
+            .insert(H_ATTEMPTS, self.attempts.to_string())
+            .insert(H_FAILED_AT, self.failed_at_ms.to_string());
+        OutgoingRecord {
+            topic: dlq_topic.to_string(),
+            // Same partition number as the source, so a redrive keeps per-key order.
+            partition: Some(p.tp.partition),
+            key: self.record.key.clone(),
+            payload: self.record.payload.clone(),
+            headers,
+            event_time_ms: Some(self.record.event_time_ms),
+        }
+    }
+
+    pub fn to_row(&self) -> DeadLetterRow {
+        let p = &self.record.position;
+        DeadLetterRow {
+            topology: self.topology.to_string(),
+            source_topic: p.tp.topic.to_string(),
+            source_partition: p.tp.partition,
+            source_offset: p.offset,
+            stage: self.stage.to_string(),
+            reason: self.reason.to_string(),
+            error: self.error.to_string(),
+            attempts: self.attempts,
+            failed_at_ms: self.failed_at_ms,
+            original_key: self.record.key.clone(),
+            original_payload: self.record.payload.clone(),
+        }
+    }
+}
+
+/// Reads the provenance back from a record on a dead-letter topic.
+pub fn provenance(record: &Record) -> Option<(String, i32, i64, String, String)> {
+    let h = &record.headers;
+    Some((
+        h.get_str(H_TOPIC)?.to_string(),
+        h.get_str(H_PARTITION)?.parse().ok()?,
+        h.get_str(H_OFFSET)?.parse().ok()?,
+        h.get_str(H_STAGE)?.to_string(),
+        h.get_str(H_REASON)?.to_string(),
+    ))
+}

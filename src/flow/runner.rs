@@ -1,0 +1,332 @@
+//! Drives one topology: poll → budget → window → stages → acker → commit.
+//!
+//! The source loop owns the consumer. It is the only place that polls,
+//! pauses, resumes and commits, so none of those race. The acker runs beside
+//! it: it writes dead letters, waits for their acknowledgement, and only then
+//! marks the batch's offsets done and returns its budget.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde::Deserialize;
+use tokio::sync::{Notify, mpsc};
+
+use super::batch::{Batch, Item, Slot};
+use super::commit::OffsetTracker;
+use super::metrics::Metrics;
+use super::stage::StageContext;
+use super::window::{Window, WindowConfig};
+use crate::dead_letter::DeadLetter;
+use crate::log::{LogConsumer, LogError, LogProducer};
+use crate::outcome::{ErrorClass, Fatal};
+use crate::record::TopicPartition;
+use crate::resilience::{Attempted, BreakerConfig, CircuitBreaker, Resilient, RetryConfig};
+use crate::store::AtomStore;
+
+/// The one place where in-flight capacity is set.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Records polled but not yet acknowledged. When reached, every assigned
+    /// partition is paused until a quarter of the budget is free again.
+    pub in_flight_records: usize,
+    /// The same bound in bytes (payload + key + headers).
+    pub in_flight_bytes: usize,
+    /// Batches each edge between stages can hold.
+    pub edge_batches: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { in_flight_records: 10_000, in_flight_bytes: 64 << 20, edge_batches: 4 }
+    }
+}
+
+impl Limits {
+    pub fn check(&self) -> Result<(), String> {
+        if self.in_flight_records == 0 || self.in_flight_bytes == 0 || self.edge_batches == 0 {
+            return Err("in_flight_records, in_flight_bytes and edge_batches must all be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// When the run ends by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Once every assigned partition is read to its end and nothing is in
+    /// flight (`hartonomous run --input`, tests, replays).
+    Drained,
+    /// Until the shutdown future completes or a fatal error occurs.
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub topology: String,
+    pub dead_letter_topic: String,
+    pub window: WindowConfig,
+    pub limits: Limits,
+    pub poll_wait: Duration,
+    pub commit_interval: Duration,
+    /// How long shutdown waits for in-flight batches before committing what is done.
+    pub drain_timeout: Duration,
+    pub until: Until,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Fatal(#[from] Fatal),
+    #[error("log error: {0}")]
+    Log(#[from] LogError),
+}
+
+/// What the run committed last, per partition.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub committed: BTreeMap<TopicPartition, i64>,
+}
+
+/// Records and bytes in flight, shared by the source (reserves) and the acker (releases).
+#[derive(Default)]
+struct Budget {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    released: Notify,
+}
+
+/// Where dead letters go.
+pub struct DeadLetterSink {
+    pub producer: Arc<dyn LogProducer>,
+    /// Optional archive table (`dead_letters`) for analysts.
+    pub archive: Option<Arc<dyn AtomStore>>,
+    pub retry: RetryConfig,
+}
+
+/// Runs a topology whose stages are already spawned between `head` and `tail`.
+pub async fn run<C, T>(
+    mut consumer: C,
+    head: mpsc::Sender<Batch<()>>,
+    tail: mpsc::Receiver<Batch<T>>,
+    dlq: DeadLetterSink,
+    ctx: StageContext,
+    cfg: RunConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<RunReport, RunError>
+where
+    C: LogConsumer,
+    T: Send + 'static,
+{
+    cfg.window.check().map_err(|e| Fatal::new("runner", format!("window: {e}")))?;
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let budget = Arc::new(Budget::default());
+    let acker = tokio::spawn(ack_loop(tail, dlq, ctx.clone(), cfg.clone(), tracker.clone(), budget.clone()));
+
+    let clock = ctx.clock.clone();
+    let metrics = ctx.metrics.clone();
+    let mut fatal_rx = ctx.fatal.subscribe();
+    let mut window = Window::new(cfg.window);
+    let mut head = Some(head);
+    let mut seq = 0u64;
+    let mut paused: Vec<TopicPartition> = Vec::new();
+    let mut last_commit = clock.now_ms();
+    let mut report = RunReport::default();
+    tokio::pin!(shutdown);
+
+    let outcome: Result<(), RunError> = loop {
+        if let Some(f) = fatal_rx.borrow_and_update().clone() {
+            break Err(f.into());
+        }
+
+        // Backpressure: pause everything when the budget is spent, resume with hysteresis.
+        let (recs, bytes) = (budget.records.load(Ordering::Acquire), budget.bytes.load(Ordering::Acquire));
+        if paused.is_empty() && (recs >= cfg.limits.in_flight_records || bytes >= cfg.limits.in_flight_bytes) {
+            paused = consumer.assignment();
+            consumer.pause(&paused)?;
+            Metrics::add(&metrics.partition_pauses, 1);
+            tracing::debug!(in_flight = recs, bytes, "in-flight budget spent; partitions paused");
+        } else if !paused.is_empty() && recs * 4 <= cfg.limits.in_flight_records * 3 && bytes * 4 <= cfg.limits.in_flight_bytes * 3 {
+            consumer.resume(&paused)?;
+            paused.clear();
+        }
+
+        let now = clock.now_ms();
+        let mut wait = cfg.poll_wait;
+        if let Some(d) = window.deadline_ms() {
+            wait = wait.min(Duration::from_millis((d - now).max(0) as u64));
+        }
+        let room = cfg.limits.in_flight_records.saturating_sub(recs).clamp(1, cfg.window.max_records.max(1));
+        let polled = tokio::select! {
+            biased;
+            _ = &mut shutdown => {
+                tracing::info!("shutdown requested; draining");
+                break Ok(());
+            }
+            _ = fatal_rx.changed() => continue,
+            _ = budget.released.notified(), if !paused.is_empty() => Vec::new(),
+            r = consumer.poll(room, wait) => r?,
+        };
+
+        let now = clock.now_ms();
+        let got_any = !polled.is_empty();
+        for record in polled {
+            let size = record.byte_len();
+            tracker.lock().unwrap().track(&record.position.tp, record.position.offset);
+            budget.records.fetch_add(1, Ordering::AcqRel);
+            budget.bytes.fetch_add(size, Ordering::AcqRel);
+            Metrics::add(&metrics.records_in, 1);
+            Metrics::add(&metrics.bytes_in, size as u64);
+            if window.would_overflow(size) && !flush(&mut window, &mut seq, &head).await {
+                continue;
+            }
+            if window.push(record, now) {
+                flush(&mut window, &mut seq, &head).await;
+            }
+        }
+        if window.is_due(clock.now_ms()) {
+            flush(&mut window, &mut seq, &head).await;
+        }
+
+        if cfg.until == Until::Drained && !got_any && paused.is_empty() && caught_up(&consumer) {
+            // Nothing more will arrive: close the partial window now instead of waiting for its age.
+            if !window.is_empty() {
+                flush(&mut window, &mut seq, &head).await;
+            }
+            if tracker.lock().unwrap().in_flight() == 0 {
+                break Ok(());
+            }
+        }
+
+        if clock.now_ms() - last_commit >= cfg.commit_interval.as_millis() as i64 {
+            commit(&mut consumer, &tracker, &metrics, &mut report).await?;
+            last_commit = clock.now_ms();
+        }
+    };
+
+    // Drain: close the head so stages finish what they hold, then wait for the acker.
+    if outcome.is_ok() && !window.is_empty() {
+        flush(&mut window, &mut seq, &head).await;
+    }
+    head.take();
+    let drained = crate::clock::timeout(clock.as_ref(), cfg.drain_timeout, acker).await;
+    if drained.is_none() {
+        tracing::warn!(timeout_ms = cfg.drain_timeout.as_millis() as u64, "drain timed out; uncommitted records will be repeated");
+    }
+    // Whatever happened, committing what is acknowledged is always safe.
+    commit(&mut consumer, &tracker, &metrics, &mut report).await?;
+    if let Some(f) = fatal_rx.borrow().clone() {
+        return Err(f.into());
+    }
+    outcome.map(|_| report)
+}
+
+fn caught_up<C: LogConsumer>(consumer: &C) -> bool {
+    consumer.positions().values().all(|p| p.end.is_some_and(|end| p.next >= end))
+}
+
+/// Sends the window downstream. False if the pipeline is gone (a stage failed fatally).
+async fn flush(window: &mut Window, seq: &mut u64, head: &Option<mpsc::Sender<Batch<()>>>) -> bool {
+    let (records, bytes) = window.take();
+    if records.is_empty() {
+        return true;
+    }
+    *seq += 1;
+    let slots = records.into_iter().map(|r| Slot::Live(Item { record: Arc::new(r), value: () })).collect();
+    match head {
+        Some(tx) => tx.send(Batch { seq: *seq, slots, bytes }).await.is_ok(),
+        None => false,
+    }
+}
+
+async fn commit<C: LogConsumer>(consumer: &mut C, tracker: &Mutex<OffsetTracker>, metrics: &Metrics, report: &mut RunReport) -> Result<(), LogError> {
+    let offsets = tracker.lock().unwrap().committable();
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    consumer.commit(&offsets).await?;
+    tracker.lock().unwrap().mark_committed(&offsets);
+    Metrics::add(&metrics.commits, 1);
+    report.committed.extend(offsets);
+    Ok(())
+}
+
+/// The end of every pipeline: dead letters out, then offsets done.
+async fn ack_loop<T: Send + 'static>(
+    mut tail: mpsc::Receiver<Batch<T>>,
+    dlq: DeadLetterSink,
+    ctx: StageContext,
+    cfg: RunConfig,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    budget: Arc<Budget>,
+) {
+    let breaker = Arc::new(CircuitBreaker::new(format!("dead-letter:{}", cfg.dead_letter_topic), BreakerConfig::default()));
+    let resilient = Resilient::new(dlq.retry.clone(), breaker, ctx.clock.clone());
+    while let Some(batch) = tail.recv().await {
+        let mut letters = Vec::new();
+        for slot in &batch.slots {
+            if let Slot::Done { record, end } = slot {
+                if let Some(d) = DeadLetter::from_end(&cfg.topology, record, end) {
+                    letters.push(d);
+                }
+            }
+        }
+        let producer = dlq.producer.as_ref();
+        let sends = letters.iter().map(|d| {
+            let out = d.to_outgoing(&cfg.dead_letter_topic);
+            let resilient = &resilient;
+            async move { resilient.call(|| producer.send(out.clone())).await }
+        });
+        for (d, sent) in letters.iter().zip(join_all(sends).await) {
+            if let Err(e) = sent {
+                // A dead letter that cannot be written must not be committed past: stop.
+                return ctx_fatal(&ctx, format!("writing dead letter for {}@{} failed: {e}", d.record.position.tp, d.record.position.offset));
+            }
+            ctx.metrics.dead_lettered(d.reason);
+        }
+        if let (Some(store), false) = (&dlq.archive, letters.is_empty()) {
+            let rows: Vec<_> = letters.iter().map(DeadLetter::to_row).collect();
+            if let Err(e) = resilient.call(|| store.insert_dead_letters(&rows)).await {
+                return ctx_fatal(&ctx, format!("archiving dead letters failed: {e}"));
+            }
+        }
+        let done = batch.slots.iter().filter(|s| matches!(s, Slot::Live(_))).count();
+        Metrics::add(&ctx.metrics.records_done, done as u64);
+        Metrics::add(&ctx.metrics.batches, 1);
+        {
+            let mut t = tracker.lock().unwrap();
+            for slot in &batch.slots {
+                let p = &slot.record().position;
+                t.done(&p.tp, p.offset);
+            }
+        }
+        budget.records.fetch_sub(batch.len(), Ordering::AcqRel);
+        budget.bytes.fetch_sub(batch.bytes, Ordering::AcqRel);
+        budget.released.notify_waiters();
+    }
+}
+
+fn ctx_fatal(ctx: &StageContext, message: String) {
+    tracing::error!(%message, "acker stopping");
+    ctx.fatal.send_if_modified(|f| {
+        if f.is_none() {
+            *f = Some(Fatal::new("dead-letter", message));
+            true
+        } else {
+            false
+        }
+    });
+}
+
+impl<E: std::fmt::Display> From<Attempted<E>> for Fatal {
+    fn from(a: Attempted<E>) -> Self {
+        let class = match &a {
+            Attempted::Rejected { class, .. } => *class,
+            Attempted::Exhausted { .. } => ErrorClass::Retry,
+        };
+        Fatal::new("runner", format!("{a} ({class:?})"))
+    }
+}

@@ -1,0 +1,17 @@
+//! Hartonomous: Kafka/Avro stream processing into ClickHouse, with an
+//! embedded default that needs no servers.
+pub mod atom;
+pub mod clock;
+pub mod embed;
+pub mod outcome;
+pub mod record;
+pub mod resilience;
+pub mod store;
+pub mod avro;
+pub mod dead_letter;
+pub mod flow;
+pub mod log;
+pub mod config;
+pub mod topology;
+pub mod app;
+pub mod input;

@@ -1,0 +1,71 @@
+//! The log contract: what every topology needs from a broker. Kafka and the
+//! in-process [`embedded`] log are two implementations of it.
+
+pub mod embedded;
+
+use std::collections::BTreeMap;
+
+use futures::future::BoxFuture;
+
+use crate::outcome::{Classify, ErrorClass};
+use crate::record::{OutgoingRecord, Position, Record, TopicPartition};
+
+/// Reading side of the log, owned by one topology's source task.
+///
+/// Contract:
+/// - `poll` returns records in offset order per partition, never from a
+///   paused partition, and at most `max` of them. It returns an empty batch
+///   (not an error) when nothing arrived within `wait`.
+/// - `commit` stores, per partition, the offset of the *next* record to read
+///   (Kafka's convention). Callers only pass offsets whose records and all
+///   their outputs are acknowledged. A restarted consumer in the same group
+///   resumes from the committed offsets.
+/// - `assignment` may change between polls on a group rebalance; records of a
+///   revoked partition that are still in flight must not be committed by this
+///   consumer afterwards (commit ignores partitions it no longer owns).
+pub trait LogConsumer: Send + 'static {
+    fn poll(&mut self, max: usize, wait: std::time::Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>>;
+    fn commit(&mut self, offsets: &BTreeMap<TopicPartition, i64>) -> BoxFuture<'_, Result<(), LogError>>;
+    fn pause(&mut self, partitions: &[TopicPartition]) -> Result<(), LogError>;
+    fn resume(&mut self, partitions: &[TopicPartition]) -> Result<(), LogError>;
+    fn assignment(&self) -> Vec<TopicPartition>;
+    /// Per assigned partition: the next offset this consumer will read and the
+    /// log-end offset, so that `end - position` is the lag. `None` end means
+    /// the broker could not say.
+    fn positions(&self) -> BTreeMap<TopicPartition, PartitionPosition>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionPosition {
+    pub next: i64,
+    pub end: Option<i64>,
+}
+
+/// Writing side of the log. Cheap to clone and shared by stages.
+///
+/// Contract: the future resolves only when the log has durably accepted the
+/// record (acks=all on Kafka). Only then may the source offset that caused it
+/// be committed.
+pub trait LogProducer: Send + Sync + 'static {
+    fn send(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<Position, LogError>>;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    #[error("broker temporarily unavailable: {0}")]
+    Unavailable(String),
+    #[error("record rejected by the broker: {0}")]
+    Rejected(String),
+    #[error("log unusable: {0}")]
+    Fatal(String),
+}
+
+impl Classify for LogError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            LogError::Unavailable(_) => ErrorClass::Retry,
+            LogError::Rejected(_) => ErrorClass::Invalid,
+            LogError::Fatal(_) => ErrorClass::Fatal,
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Where results land. [`AtomStore`] is the contract; [`embedded`] keeps
+//! tables as Parquet files queried with DataFusion SQL, and ClickHouse
+//! implements the same contract.
+
+pub mod embedded;
+
+use std::collections::HashSet;
+
+use futures::future::BoxFuture;
+
+use crate::atom::{AtomRow, ContentHash};
+use crate::outcome::{Classify, ErrorClass};
+
+/// One record that went to a dead-letter topic, as archived for analysts
+/// (table `dead_letters`). Keyed by its source position, so re-archiving the
+/// same record is a no-op.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterRow {
+    pub topology: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub stage: String,
+    pub reason: String,
+    pub error: String,
+    pub attempts: u32,
+    pub failed_at_ms: i64,
+    pub original_key: Option<Vec<u8>>,
+    pub original_payload: Vec<u8>,
+}
+
+/// What an insert did. `inserted + already_present` equals the rows given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InsertReport {
+    pub inserted: usize,
+    pub already_present: usize,
+}
+
+/// The atom store contract.
+///
+/// - `existing_hashes` answers for a whole window at once (`hash IN (...)`).
+/// - `insert_atoms` is idempotent by content hash: a row whose hash is already
+///   stored, or that repeats within the call, is not written twice. When it
+///   returns `Ok` the rows are durable, and only then may their source offsets
+///   be committed.
+pub trait AtomStore: Send + Sync + 'static {
+    fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>>;
+    fn insert_atoms<'a>(&'a self, rows: &'a [AtomRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
+    /// Idempotent by (source_topic, source_partition, source_offset).
+    fn insert_dead_letters<'a>(&'a self, rows: &'a [DeadLetterRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// I/O or connection trouble that may pass.
+    #[error("store temporarily unavailable: {0}")]
+    Unavailable(String),
+    /// One row can never be written (the message says which and why).
+    #[error("row rejected by the store: {0}")]
+    RowRejected(String),
+    /// The store cannot be used at all (bad path, permissions, schema mismatch).
+    #[error("store unusable: {0}")]
+    Fatal(String),
+}
+
+impl Classify for StoreError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Unavailable(_) => ErrorClass::Retry,
+            StoreError::RowRejected(_) => ErrorClass::Invalid,
+            StoreError::Fatal(_) => ErrorClass::Fatal,
+        }
+    }
+}

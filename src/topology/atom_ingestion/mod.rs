@@ -1,0 +1,101 @@
+//! The atom-ingestion topology. One record's path, one file per stage:
+//! [`decode`] → [`validate`] → [`hash`] → [`dedup`] → [`embed`] → [`persist`]
+//! → [`publish`], then the runner's acker (dead letters, commit).
+
+pub mod decode;
+pub mod dedup;
+pub mod embed;
+pub mod hash;
+pub mod persist;
+pub mod publish;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::Deps;
+use super::spec::{StageSpec, TopologySpec};
+use crate::flow::runner::{self, DeadLetterSink, RunConfig, RunError, RunReport, Until};
+use crate::flow::stage::{self, StageContext};
+use crate::flow::Batch;
+use crate::log::LogConsumer;
+use crate::outcome::Fatal;
+use crate::resilience::{BreakerConfig, CircuitBreaker, Resilient, RetryConfig};
+
+/// Builds the stages the declaration lists and runs them over `consumer`.
+pub async fn run<C: LogConsumer>(
+    spec: &TopologySpec,
+    deps: &Deps,
+    consumer: C,
+    until: Until,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<RunReport, RunError> {
+    let ctx = StageContext::new(deps.metrics.clone(), deps.clock.clone(), spec.limits.edge_batches);
+    let store_breaker = Arc::new(CircuitBreaker::new("store", BreakerConfig::default()));
+    let log_breaker = Arc::new(CircuitBreaker::new("log", BreakerConfig::default()));
+    let resilient = |retry: &RetryConfig, breaker: &Arc<CircuitBreaker>| Resilient::new(retry.clone(), breaker.clone(), deps.clock.clone());
+
+    let (head, rx) = ctx.edge::<()>();
+    let reader = crate::avro::Schemas::current(&spec.source.schema)
+        .ok_or_else(|| Fatal::new("decode", format!("no bundled schema named `{}`", spec.source.schema)))?;
+    let rx = stage::spawn("decode", decode::Decode::new(deps.registry.clone(), reader.schema.clone(), deps.clock.clone()), rx, &ctx);
+    let validate = spec.stage(|s| if let StageSpec::Validate(v) = s { Some(v) } else { None }).cloned().unwrap_or_default();
+    let rx = stage::spawn("validate", validate::stage(validate), rx, &ctx);
+    let rx = stage::spawn("hash", hash::stage(), rx, &ctx);
+    let rx = match spec.stage(|s| if let StageSpec::Dedup(d) = s { Some(d) } else { None }) {
+        Some(d) => stage::spawn(
+            "dedup",
+            dedup::Dedup { store: deps.store.clone(), recent: dedup::RecentSet::new(d.recent_capacity), resilient: resilient(&d.retry, &store_breaker) },
+            rx,
+            &ctx,
+        ),
+        None => rx,
+    };
+    let rx: mpsc::Receiver<Batch<embed::Embedded>> = match spec.stage(|s| if let StageSpec::Embed(e) = s { Some(e) } else { None }) {
+        Some(e) => {
+            let stage = embed::Embed { embedder: deps.embedder.clone(), metrics: deps.metrics.clone(), concurrency: e.concurrency };
+            stage::spawn("embed", stage, rx, &ctx)
+        }
+        None => stage::spawn(
+            "embed",
+            crate::flow::FnStage::new(|item: crate::flow::Item<hash::Hashed>| crate::outcome::Outcome::Continue(embed::Embedded { hashed: item.value, embedding: Vec::new() })),
+            rx,
+            &ctx,
+        ),
+    };
+    let persist = spec.stage(|s| if let StageSpec::Persist(p) = s { Some(p) } else { None }).cloned().unwrap_or_default();
+    let persist = persist::Persist {
+        store: deps.store.clone(),
+        resilient: resilient(&persist.retry, &store_breaker),
+        metrics: deps.metrics.clone(),
+        clock: deps.clock.clone(),
+        embedding_model: deps.embedder.model().to_string(),
+    };
+    let rx = stage::spawn("persist", persist, rx, &ctx);
+    let tail: mpsc::Receiver<Batch<()>> = match spec.stage(|s| if let StageSpec::Publish(p) = s { Some(p) } else { None }) {
+        Some(p) => {
+            let publish = publish::Publish::new(deps.producer.clone(), deps.registry.as_ref(), &p.topic, &p.schema, resilient(&p.retry, &log_breaker), deps.metrics.clone()).await?;
+            stage::spawn("publish", publish, rx, &ctx)
+        }
+        None => stage::spawn("publish", crate::flow::FnStage::new(|_: crate::flow::Item<crate::atom::AtomRow>| crate::outcome::Outcome::Continue(())), rx, &ctx),
+    };
+
+    let dlq = DeadLetterSink {
+        producer: deps.producer.clone(),
+        archive: spec.dead_letter.archive.then(|| deps.store.clone()),
+        retry: RetryConfig { max_attempts: 0, ..RetryConfig::default() },
+    };
+    let cfg = RunConfig {
+        topology: spec.name.clone(),
+        dead_letter_topic: spec.dead_letter.topic.clone(),
+        window: spec.window,
+        limits: spec.limits,
+        poll_wait: Duration::from_millis(100),
+        commit_interval: Duration::from_millis(spec.commit_interval_ms.unwrap_or(1_000)),
+        drain_timeout: Duration::from_secs(30),
+        until,
+    };
+    runner::run(consumer, head, tail, dlq, ctx, cfg, shutdown).await
+}
