@@ -5,7 +5,7 @@
 //! it: it writes dead letters, waits for their acknowledgement, and only then
 //! marks the batch's offsets done and returns its budget.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -137,19 +137,30 @@ where
     let mut report = RunReport::default();
     tokio::pin!(shutdown);
 
+    // Windows the first edge had no room for. While any wait here the
+    // partitions stay paused: the source loop never blocks on a full edge, so
+    // it keeps polling (which Kafka needs for group membership).
+    let mut pending: VecDeque<Batch<()>> = VecDeque::new();
+
     let outcome: Result<(), RunError> = loop {
         if let Some(f) = fatal_rx.borrow_and_update().clone() {
             break Err(f.into());
         }
 
-        // Backpressure: pause everything when the budget is spent, resume with hysteresis.
+        // Backpressure: pause everything when the budget is spent or the first
+        // edge is full; resume with hysteresis.
         let (recs, bytes) = (budget.records.load(Ordering::Acquire), budget.bytes.load(Ordering::Acquire));
-        if paused.is_empty() && (recs >= cfg.limits.in_flight_records || bytes >= cfg.limits.in_flight_bytes) {
+        let spent = recs >= cfg.limits.in_flight_records || bytes >= cfg.limits.in_flight_bytes;
+        if paused.is_empty() && (spent || !pending.is_empty()) {
             paused = consumer.assignment();
             consumer.pause(&paused)?;
             Metrics::add(&metrics.partition_pauses, 1);
-            tracing::debug!(in_flight = recs, bytes, "in-flight budget spent; partitions paused");
-        } else if !paused.is_empty() && recs * 4 <= cfg.limits.in_flight_records * 3 && bytes * 4 <= cfg.limits.in_flight_bytes * 3 {
+            tracing::debug!(in_flight = recs, bytes, queued_windows = pending.len(), "backpressure: partitions paused");
+        } else if !paused.is_empty()
+            && pending.is_empty()
+            && recs * 4 <= cfg.limits.in_flight_records * 3
+            && bytes * 4 <= cfg.limits.in_flight_bytes * 3
+        {
             consumer.resume(&paused)?;
             paused.clear();
         }
@@ -160,6 +171,7 @@ where
             wait = wait.min(Duration::from_millis((d - now).max(0) as u64));
         }
         let room = cfg.limits.in_flight_records.saturating_sub(recs).clamp(1, cfg.window.max_records.max(1));
+        let Some(tx) = head.clone() else { break Ok(()) };
         let polled = tokio::select! {
             biased;
             _ = &mut shutdown => {
@@ -167,6 +179,13 @@ where
                 break Ok(());
             }
             _ = fatal_rx.changed() => continue,
+            permit = tx.reserve(), if !pending.is_empty() => {
+                match permit {
+                    Ok(p) => p.send(pending.pop_front().expect("non-empty")),
+                    Err(_) => continue, // the pipeline is gone; the fatal check above says why
+                }
+                Vec::new()
+            }
             _ = budget.released.notified(), if !paused.is_empty() => Vec::new(),
             r = consumer.poll(room, wait) => r?,
         };
@@ -180,22 +199,20 @@ where
             budget.bytes.fetch_add(size, Ordering::AcqRel);
             Metrics::add(&metrics.records_in, 1);
             Metrics::add(&metrics.bytes_in, size as u64);
-            if window.would_overflow(size) && !flush(&mut window, &mut seq, &head).await {
-                continue;
+            if window.would_overflow(size) {
+                flush(&mut window, &mut seq, &tx, &mut pending);
             }
             if window.push(record, now) {
-                flush(&mut window, &mut seq, &head).await;
+                flush(&mut window, &mut seq, &tx, &mut pending);
             }
         }
         if window.is_due(clock.now_ms()) {
-            flush(&mut window, &mut seq, &head).await;
+            flush(&mut window, &mut seq, &tx, &mut pending);
         }
 
         if cfg.until == Until::Drained && !got_any && paused.is_empty() && caught_up(&consumer) {
             // Nothing more will arrive: close the partial window now instead of waiting for its age.
-            if !window.is_empty() {
-                flush(&mut window, &mut seq, &head).await;
-            }
+            flush(&mut window, &mut seq, &tx, &mut pending);
             if tracker.lock().unwrap().in_flight() == 0 {
                 break Ok(());
             }
@@ -207,9 +224,17 @@ where
         }
     };
 
-    // Drain: close the head so stages finish what they hold, then wait for the acker.
-    if outcome.is_ok() && !window.is_empty() {
-        flush(&mut window, &mut seq, &head).await;
+    // Drain: hand over what is queued, close the head so stages finish what
+    // they hold, then wait for the acker.
+    if outcome.is_ok() {
+        if let Some(tx) = head.clone() {
+            flush(&mut window, &mut seq, &tx, &mut pending);
+            while let Some(b) = pending.pop_front() {
+                if tx.send(b).await.is_err() {
+                    break;
+                }
+            }
+        }
     }
     head.take();
     let drained = crate::clock::timeout(clock.as_ref(), cfg.drain_timeout, acker).await;
@@ -228,17 +253,25 @@ fn caught_up<C: LogConsumer>(consumer: &C) -> bool {
     consumer.positions().values().all(|p| p.end.is_some_and(|end| p.next >= end))
 }
 
-/// Sends the window downstream. False if the pipeline is gone (a stage failed fatally).
-async fn flush(window: &mut Window, seq: &mut u64, head: &Option<mpsc::Sender<Batch<()>>>) -> bool {
+/// Hands the window to the first edge, or queues it when the edge is full
+/// (the caller then pauses the partitions).
+fn flush(window: &mut Window, seq: &mut u64, head: &mpsc::Sender<Batch<()>>, pending: &mut VecDeque<Batch<()>>) {
     let (records, bytes) = window.take();
     if records.is_empty() {
-        return true;
+        return;
     }
     *seq += 1;
     let slots = records.into_iter().map(|r| Slot::Live(Item { record: Arc::new(r), value: () })).collect();
-    match head {
-        Some(tx) => tx.send(Batch { seq: *seq, slots, bytes }).await.is_ok(),
-        None => false,
+    let batch = Batch { seq: *seq, slots, bytes };
+    if !pending.is_empty() {
+        pending.push_back(batch);
+        return;
+    }
+    match head.try_send(batch) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(b)) => pending.push_back(b),
+        // The pipeline is gone (a stage failed fatally); the run loop reports it.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
     }
 }
 

@@ -1,0 +1,103 @@
+//! Helpers shared by the integration tests: an embedded app in a temporary
+//! directory, an embedder that counts what it is asked, and request builders.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use hartonomous::app::Embedded;
+use hartonomous::avro::{self, Schemas};
+use hartonomous::config::Profile;
+use hartonomous::embed::hashing::HashingEmbedder;
+use hartonomous::embed::{EmbedError, Embedder};
+use hartonomous::record::{Headers, OutgoingRecord};
+
+/// Wraps the hashing embedder and records every text it is asked to embed.
+pub struct CountingEmbedder {
+    inner: HashingEmbedder,
+    pub texts: Mutex<Vec<String>>,
+    pub calls: Mutex<usize>,
+}
+
+impl CountingEmbedder {
+    pub fn new(dimension: usize, max_batch: usize) -> Arc<Self> {
+        Arc::new(Self { inner: HashingEmbedder::new(dimension, max_batch), texts: Mutex::default(), calls: Mutex::default() })
+    }
+
+    pub fn texts(&self) -> Vec<String> {
+        self.texts.lock().unwrap().clone()
+    }
+}
+
+impl Embedder for CountingEmbedder {
+    fn model(&self) -> &str {
+        self.inner.model()
+    }
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>> {
+        assert!(texts.len() <= self.max_batch(), "caller broke the max_batch contract");
+        *self.calls.lock().unwrap() += 1;
+        self.texts.lock().unwrap().extend(texts.iter().cloned());
+        self.inner.embed(texts)
+    }
+}
+
+pub fn profile(dir: &Path) -> Profile {
+    let env = vec![("HARTONOMOUS_DATA_DIR".to_string(), dir.display().to_string())];
+    Profile::parse(Path::new("test"), hartonomous::config::EMBEDDED_PROFILE, env.into_iter()).unwrap()
+}
+
+/// An embedded app on `dir` whose embedder counts its inputs.
+pub fn app(dir: &Path) -> (Embedded, Arc<CountingEmbedder>) {
+    let mut app = Embedded::open(&profile(dir), hartonomous::clock::system()).unwrap();
+    let counting = CountingEmbedder::new(64, 16);
+    app.embedder = counting.clone();
+    (app, counting)
+}
+
+pub fn request_json(i: usize, content: &str, source: &str) -> serde_json::Value {
+    serde_json::json!({
+        "content_type": "text/plain",
+        "content": content,
+        "metadata": {"i": i.to_string()},
+        "source_system": source,
+        "correlation_id": format!("req-{i}"),
+    })
+}
+
+pub fn json_record(topic: &str, v: &serde_json::Value) -> OutgoingRecord {
+    hartonomous::input::json_lines(v.to_string().as_bytes(), topic).remove(0)
+}
+
+/// Encodes `v` as Avro with bundled schema `name` version `version`,
+/// registered under `<topic>-value`, in the Confluent wire format.
+pub fn wire_record(app: &Embedded, topic: &str, name: &str, version: u32, v: &serde_json::Value) -> OutgoingRecord {
+    let schema = &Schemas::version(name, version).unwrap().schema;
+    let id = app.registry.register_schema(&Schemas::subject(topic), schema).unwrap();
+    let value = avro::json_to_avro(v, schema).unwrap();
+    OutgoingRecord {
+        topic: topic.into(),
+        key: v.get("correlation_id").and_then(|c| c.as_str()).map(|s| s.as_bytes().to_vec()),
+        payload: avro::encode(id, schema, &value).unwrap(),
+        headers: Headers::new(),
+        ..Default::default()
+    }
+}
+
+pub fn raw_record(topic: &str, key: &str, payload: Vec<u8>) -> OutgoingRecord {
+    OutgoingRecord { topic: topic.into(), key: Some(key.as_bytes().to_vec()), payload, ..Default::default() }
+}
+
+/// Runs a query and returns the single integer it yields.
+pub async fn count(app: &Embedded, sql: &str) -> i64 {
+    use arrow::array::AsArray;
+    let batches = app.store.query(sql).await.unwrap();
+    let col = batches[0].column(0);
+    col.as_primitive::<arrow::datatypes::Int64Type>().value(0)
+}
