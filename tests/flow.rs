@@ -73,6 +73,7 @@ fn config(window: WindowConfig, limits: Limits, until: Until) -> RunConfig {
         poll_wait: Duration::from_millis(50),
         commit_interval: Duration::from_millis(10),
         drain_timeout: Duration::from_secs(5),
+        revoke_timeout: Duration::from_secs(1),
         until,
     }
 }

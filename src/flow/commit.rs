@@ -61,6 +61,10 @@ impl OffsetTracker {
         }
     }
 
+    pub fn in_flight_for(&self, tps: &[TopicPartition]) -> usize {
+        tps.iter().filter_map(|tp| self.parts.get(tp)).map(|t| t.in_flight.len()).sum()
+    }
+
     /// Stops tracking partitions this consumer no longer owns; their records
     /// still in flight will be repeated by the new owner.
     pub fn forget(&mut self, revoked: &[TopicPartition]) {

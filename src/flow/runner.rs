@@ -74,6 +74,9 @@ pub struct RunConfig {
     pub commit_interval: Duration,
     /// How long shutdown waits for in-flight batches before committing what is done.
     pub drain_timeout: Duration,
+    /// How long a group rebalance waits for in-flight records of revoked
+    /// partitions. Keep it well below the group's session timeout.
+    pub revoke_timeout: Duration,
     pub until: Until,
 }
 
@@ -124,6 +127,7 @@ where
     cfg.window.check().map_err(|e| Fatal::new("runner", format!("window: {e}")))?;
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let budget = Arc::new(Budget::default());
+    consumer.set_revoke_handler(revoke_handler(tracker.clone(), cfg.revoke_timeout));
     let acker = tokio::spawn(ack_loop(tail, dlq, ctx.clone(), cfg.clone(), tracker.clone(), budget.clone()));
 
     let clock = ctx.clock.clone();
@@ -151,18 +155,26 @@ where
         // edge is full; resume with hysteresis.
         let (recs, bytes) = (budget.records.load(Ordering::Acquire), budget.bytes.load(Ordering::Acquire));
         let spent = recs >= cfg.limits.in_flight_records || bytes >= cfg.limits.in_flight_bytes;
-        if paused.is_empty() && (spent || !pending.is_empty()) {
-            paused = consumer.assignment();
-            consumer.pause(&paused)?;
-            Metrics::add(&metrics.partition_pauses, 1);
-            tracing::debug!(in_flight = recs, bytes, queued_windows = pending.len(), "backpressure: partitions paused");
-        } else if !paused.is_empty()
-            && pending.is_empty()
-            && recs * 4 <= cfg.limits.in_flight_records * 3
-            && bytes * 4 <= cfg.limits.in_flight_bytes * 3
-        {
+        let may_resume = pending.is_empty() && recs * 4 <= cfg.limits.in_flight_records * 3 && bytes * 4 <= cfg.limits.in_flight_bytes * 3;
+        if paused.is_empty() {
+            if spent || !pending.is_empty() {
+                paused = consumer.assignment();
+                consumer.pause(&paused)?;
+                Metrics::add(&metrics.partition_pauses, 1);
+                tracing::debug!(in_flight = recs, bytes, queued_windows = pending.len(), "backpressure: partitions paused");
+            }
+        } else if may_resume {
+            let owned = consumer.assignment();
+            paused.retain(|tp| owned.contains(tp));
             consumer.resume(&paused)?;
             paused.clear();
+        } else {
+            // A rebalance may have handed us partitions that are not paused yet.
+            let fresh: Vec<TopicPartition> = consumer.assignment().into_iter().filter(|tp| !paused.contains(tp)).collect();
+            if !fresh.is_empty() {
+                consumer.pause(&fresh)?;
+                paused.extend(fresh);
+            }
         }
 
         let now = clock.now_ms();
@@ -247,6 +259,25 @@ where
         return Err(f.into());
     }
     outcome.map(|_| report)
+}
+
+/// Drains revoked partitions for the consumer's rebalance callback. It runs
+/// on the thread that polls, so it waits with a plain blocking sleep; the
+/// stages and the acker keep running on the runtime's other threads. Records
+/// of these partitions still in the open window cannot finish meanwhile: they
+/// run out the deadline and are repeated by the new owner.
+fn revoke_handler(tracker: Arc<Mutex<OffsetTracker>>, timeout: Duration) -> crate::log::RevokeHandler {
+    Arc::new(move |revoked: &[TopicPartition]| {
+        let deadline = std::time::Instant::now() + timeout;
+        while tracker.lock().unwrap().in_flight_for(revoked) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut t = tracker.lock().unwrap();
+        let offsets: BTreeMap<TopicPartition, i64> = t.committable().into_iter().filter(|(tp, _)| revoked.contains(tp)).collect();
+        tracing::info!(partitions = revoked.len(), left_in_flight = t.in_flight_for(revoked), "partitions revoked; committing what finished");
+        t.forget(revoked);
+        offsets
+    })
 }
 
 fn caught_up<C: LogConsumer>(consumer: &C) -> bool {

@@ -2,6 +2,7 @@
 //! in-process [`embedded`] log are two implementations of it.
 
 pub mod embedded;
+pub mod kafka;
 
 use std::collections::BTreeMap;
 
@@ -33,7 +34,22 @@ pub trait LogConsumer: Send + 'static {
     /// log-end offset, so that `end - position` is the lag. `None` end means
     /// the broker could not say.
     fn positions(&self) -> BTreeMap<TopicPartition, PartitionPosition>;
+
+    /// Installs the handler called when the group takes partitions away from
+    /// this consumer. Logs without consumer groups (the embedded log) never
+    /// call it, hence the default.
+    fn set_revoke_handler(&mut self, handler: RevokeHandler) {
+        let _ = handler;
+    }
 }
+
+/// Called from inside the consumer when `partitions` are about to be revoked.
+/// It may block (up to a deadline below the group session timeout) while the
+/// records in flight from those partitions finish, and returns the offsets to
+/// commit for them before they go; the consumer commits those synchronously.
+/// Records of revoked partitions that did not finish are repeated by the new
+/// owner, which idempotent sinks make harmless.
+pub type RevokeHandler = std::sync::Arc<dyn Fn(&[TopicPartition]) -> BTreeMap<TopicPartition, i64> + Send + Sync>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionPosition {

@@ -36,7 +36,8 @@ impl Decode {
     }
 
     async fn value(&self, record: &Record) -> Result<Value, Result<Rejection, Fatal>> {
-        if record.headers.get_str("content-type") == Some(JSON_CONTENT_TYPE) {
+        let media = record.headers.get_str("content-type").map(|v| v.split(';').next().unwrap_or("").trim());
+        if media.is_some_and(|m| m.eq_ignore_ascii_case(JSON_CONTENT_TYPE)) {
             let json = avro::parse_line(&record.payload).map_err(|e| Ok(Rejection::new(e.code(), e.to_string())))?;
             return avro::json_to_avro(&json, &self.reader).map_err(|e| Ok(Rejection::new(e.code(), e.to_string())));
         }

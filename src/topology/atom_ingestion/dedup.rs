@@ -4,8 +4,8 @@
 //! process admitted recently (they may still be in flight, not yet stored);
 //! then one batched look-up in the store for the rest.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use super::hash::Hashed;
 use crate::atom::ContentHash;
@@ -18,38 +18,71 @@ pub const IN_WINDOW: &str = "duplicate.in_window";
 pub const RECENT: &str = "duplicate.recent";
 pub const IN_STORE: &str = "duplicate.in_store";
 
+/// Hashes admitted recently, shared by the dedup stage (which adds them) and
+/// the later stages (which remove a hash when its record is dead-lettered, so
+/// that a later copy of that content is not skipped as a duplicate of a record
+/// that was never stored).
+pub type Recent = Arc<Mutex<RecentSet>>;
+
 /// A bounded set remembering the most recent insertions (FIFO eviction).
 #[derive(Debug)]
 pub struct RecentSet {
-    set: HashSet<ContentHash>,
-    order: VecDeque<ContentHash>,
+    /// Hash → generation of its latest insertion, so a stale queue entry
+    /// never evicts a re-inserted hash.
+    set: HashMap<ContentHash, u64>,
+    order: VecDeque<(ContentHash, u64)>,
     capacity: usize,
+    generation: u64,
 }
 
 impl RecentSet {
     pub fn new(capacity: usize) -> Self {
-        Self { set: HashSet::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+        Self { set: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1), generation: 0 }
+    }
+
+    pub fn shared(capacity: usize) -> Recent {
+        Arc::new(Mutex::new(Self::new(capacity)))
     }
 
     pub fn contains(&self, h: &ContentHash) -> bool {
-        self.set.contains(h)
+        self.set.contains_key(h)
     }
 
     pub fn insert(&mut self, h: ContentHash) {
-        if self.set.insert(h) {
-            self.order.push_back(h);
-            if self.order.len() > self.capacity {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
+        if self.set.contains_key(&h) {
+            return;
+        }
+        self.generation += 1;
+        self.set.insert(h, self.generation);
+        self.order.push_back((h, self.generation));
+        while self.set.len() > self.capacity {
+            let Some((old, generation)) = self.order.pop_front() else { break };
+            if self.set.get(&old) == Some(&generation) {
+                self.set.remove(&old);
             }
         }
+        // Entries of removed hashes linger in `order`; drop them once they dominate.
+        if self.order.len() > 2 * self.capacity {
+            let set = &self.set;
+            self.order.retain(|(h, g)| set.get(h) == Some(g));
+        }
+    }
+
+    pub fn remove(&mut self, h: &ContentHash) {
+        self.set.remove(h);
+    }
+}
+
+/// Forgets `hash` after its record was dead-lettered by a later stage.
+pub fn forget(recent: &Option<Recent>, hash: &ContentHash) {
+    if let Some(r) = recent {
+        r.lock().unwrap().remove(hash);
     }
 }
 
 pub struct Dedup {
     pub store: Arc<dyn AtomStore>,
-    pub recent: RecentSet,
+    pub recent: Recent,
     pub resilient: Resilient,
 }
 
@@ -66,7 +99,7 @@ impl Stage for Dedup {
                 let h = i.value.hash;
                 if !seen.insert(h) {
                     Some(IN_WINDOW)
-                } else if self.recent.contains(&h) {
+                } else if self.recent.lock().unwrap().contains(&h) {
                     Some(RECENT)
                 } else {
                     None
@@ -93,7 +126,7 @@ impl Stage for Dedup {
             .map(|(item, v)| match v {
                 Some(reason) => Outcome::Skip(reason),
                 None => {
-                    self.recent.insert(item.value.hash);
+                    self.recent.lock().unwrap().insert(item.value.hash);
                     Outcome::Continue(item.value)
                 }
             })
@@ -114,5 +147,17 @@ mod tests {
         r.insert(h(1));
         r.insert(h(3));
         assert!(!r.contains(&h(1)) && r.contains(&h(2)) && r.contains(&h(3)));
+    }
+
+    #[test]
+    fn a_removed_and_reinserted_hash_is_not_evicted_by_its_stale_entry() {
+        let mut r = RecentSet::new(2);
+        let h = |b: u8| ContentHash([b; 32]);
+        r.insert(h(1));
+        r.remove(&h(1));
+        r.insert(h(2));
+        r.insert(h(1));
+        r.insert(h(3));
+        assert!(r.contains(&h(1)) && r.contains(&h(3)) && !r.contains(&h(2)));
     }
 }

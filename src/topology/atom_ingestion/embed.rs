@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 
+use super::dedup::{Recent, forget};
 use super::hash::Hashed;
 use super::validate::is_text;
 use crate::embed::{EmbedError, Embedder};
@@ -23,6 +24,8 @@ pub struct Embed {
     pub embedder: Arc<dyn Embedder>,
     pub metrics: Arc<Metrics>,
     pub concurrency: usize,
+    /// The dedup stage's recent hashes, forgotten for records dead-lettered here.
+    pub recent: Option<Recent>,
 }
 
 impl Embed {
@@ -84,7 +87,10 @@ impl Stage for Embed {
             .map(|(item, v)| match v {
                 None => Outcome::Continue(Embedded { hashed: item.value, embedding: Vec::new() }),
                 Some(Ok(embedding)) => Outcome::Continue(Embedded { hashed: item.value, embedding }),
-                Some(Err(r)) => Outcome::Invalid(r),
+                Some(Err(r)) => {
+                    forget(&self.recent, &item.value.hash);
+                    Outcome::Invalid(r)
+                }
             })
             .collect())
     }

@@ -44,18 +44,20 @@ pub async fn run<C: LogConsumer>(
     let validate = spec.stage(|s| if let StageSpec::Validate(v) = s { Some(v) } else { None }).cloned().unwrap_or_default();
     let rx = stage::spawn("validate", validate::stage(validate), rx, &ctx);
     let rx = stage::spawn("hash", hash::stage(), rx, &ctx);
-    let rx = match spec.stage(|s| if let StageSpec::Dedup(d) = s { Some(d) } else { None }) {
-        Some(d) => stage::spawn(
+    let dedup_spec = spec.stage(|s| if let StageSpec::Dedup(d) = s { Some(d) } else { None });
+    let recent = dedup_spec.map(|d| dedup::RecentSet::shared(d.recent_capacity));
+    let rx = match (dedup_spec, &recent) {
+        (Some(d), Some(recent)) => stage::spawn(
             "dedup",
-            dedup::Dedup { store: deps.store.clone(), recent: dedup::RecentSet::new(d.recent_capacity), resilient: resilient(&d.retry, &store_breaker) },
+            dedup::Dedup { store: deps.store.clone(), recent: recent.clone(), resilient: resilient(&d.retry, &store_breaker) },
             rx,
             &ctx,
         ),
-        None => rx,
+        _ => rx,
     };
     let rx: mpsc::Receiver<Batch<embed::Embedded>> = match spec.stage(|s| if let StageSpec::Embed(e) = s { Some(e) } else { None }) {
         Some(e) => {
-            let stage = embed::Embed { embedder: deps.embedder.clone(), metrics: deps.metrics.clone(), concurrency: e.concurrency };
+            let stage = embed::Embed { embedder: deps.embedder.clone(), metrics: deps.metrics.clone(), concurrency: e.concurrency, recent: recent.clone() };
             stage::spawn("embed", stage, rx, &ctx)
         }
         None => stage::spawn(
@@ -72,6 +74,7 @@ pub async fn run<C: LogConsumer>(
         metrics: deps.metrics.clone(),
         clock: deps.clock.clone(),
         embedding_model: deps.embedder.model().to_string(),
+        recent: recent.clone(),
     };
     let rx = stage::spawn("persist", persist, rx, &ctx);
     let tail: mpsc::Receiver<Batch<()>> = match spec.stage(|s| if let StageSpec::Publish(p) = s { Some(p) } else { None }) {
@@ -95,6 +98,7 @@ pub async fn run<C: LogConsumer>(
         poll_wait: Duration::from_millis(100),
         commit_interval: Duration::from_millis(spec.commit_interval_ms.unwrap_or(1_000)),
         drain_timeout: Duration::from_secs(30),
+        revoke_timeout: Duration::from_secs(3),
         until,
     };
     runner::run(consumer, head, tail, dlq, ctx, cfg, shutdown).await

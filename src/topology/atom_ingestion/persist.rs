@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::dedup::{Recent, forget};
 use super::embed::Embedded;
 use crate::atom::AtomRow;
 use crate::clock::SharedClock;
@@ -16,6 +17,8 @@ pub struct Persist {
     pub metrics: Arc<Metrics>,
     pub clock: SharedClock,
     pub embedding_model: String,
+    /// The dedup stage's recent hashes, forgotten for rows the store rejects.
+    pub recent: Option<Recent>,
 }
 
 impl Persist {
@@ -36,8 +39,19 @@ impl Persist {
             source_partition: pos.tp.partition,
             source_offset: pos.offset,
             ingested_at_ms: now_ms,
-            trace_id: item.record.headers.get_str("traceparent").unwrap_or("").to_string(),
+            trace_id: trace_id(item.record.headers.get_str("traceparent")),
         }
+    }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`),
+/// or empty when there is none or it is malformed.
+pub fn trace_id(traceparent: Option<&str>) -> String {
+    let Some(tp) = traceparent else { return String::new() };
+    let mut parts = tp.trim().split('-');
+    match (parts.next(), parts.next()) {
+        (Some(v), Some(id)) if v.len() == 2 && id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) => id.to_ascii_lowercase(),
+        _ => String::new(),
     }
 }
 
@@ -67,6 +81,7 @@ impl Stage for Persist {
                     Outcome::Continue(row)
                 }
                 Err(Attempted::Rejected { error, class: ErrorClass::Invalid, attempts }) => {
+                    forget(&self.recent, &row.content_hash);
                     Outcome::Invalid(Rejection::new("persist.rejected", error.to_string()).with_attempts(attempts))
                 }
                 Err(e) => return Err(Fatal::new("persist", e.to_string())),

@@ -7,8 +7,8 @@ use crate::topology::spec::ValidateSpec;
 
 /// Text types must be UTF-8 and are embedded; other allowed types are only stored.
 pub fn is_text(content_type: &str) -> bool {
-    let base = content_type.split(';').next().unwrap_or("").trim();
-    base.starts_with("text/") || matches!(base, "application/json" | "application/xml" | "application/x-ndjson" | "application/yaml")
+    let base = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    base.starts_with("text/") || matches!(base.as_str(), "application/json" | "application/xml" | "application/x-ndjson" | "application/yaml")
 }
 
 pub fn check(spec: &ValidateSpec, req: &AtomIngestionRequest) -> Result<(), Rejection> {
@@ -75,5 +75,6 @@ mod tests {
         assert!(check(&spec, &req("application/octet-stream", &[0xff, 0xfe])).is_ok());
         assert!(!is_text("application/octet-stream"));
         assert!(is_text("application/json"));
+        assert!(is_text("TEXT/Plain; charset=utf-8") && is_text("Application/JSON"), "media types are case-insensitive");
     }
 }
