@@ -6,19 +6,23 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use crate::avro::FileRegistry;
+use crate::avro::confluent::ConfluentRegistry;
+use crate::avro::{FileRegistry, SchemaRegistry, Schemas};
 use crate::clock::SharedClock;
-use crate::config::{EmbedderProfile, Profile};
+use crate::config::{EmbedderProfile, LogProfile, Profile, RegistryProfile, StoreProfile};
 use crate::embed::Embedder;
 use crate::embed::hashing::HashingEmbedder;
 use crate::embed::openai::OpenAiEmbedder;
 use crate::flow::Metrics;
 use crate::flow::runner::{RunReport, Until};
 use crate::log::embedded::EmbeddedLog;
+use crate::log::kafka::{KafkaConsumer, KafkaProducer, ensure_topics};
 use crate::record::{OutgoingRecord, TopicPartition};
+use crate::store::AtomStore;
+use crate::store::clickhouse::ClickHouseStore;
 use crate::store::embedded::EmbeddedStore;
 use crate::topology::Deps;
-use crate::topology::spec::TopologySpec;
+use crate::topology::spec::{StageSpec, TopologySpec};
 
 /// The embedded default: in-process log, Parquet store, file registry and
 /// the profile's embedder.
@@ -35,7 +39,7 @@ impl Embedded {
         let dir = profile.data_dir();
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
         let store = Arc::new(EmbeddedStore::open(dir)?);
-        let registry = Arc::new(FileRegistry::open(dir.join("registry.json"))?);
+        let registry = Arc::new(FileRegistry::open(profile.registry_path().unwrap_or_else(|| dir.join("registry.json")))?);
         let embedder = build_embedder(&profile.embedder, clock.clone())?;
         Ok(Self { log: EmbeddedLog::new(clock.clone()), store, registry, embedder, clock })
     }
@@ -68,6 +72,78 @@ impl Embedded {
         let report = crate::topology::atom_ingestion::run(spec, &deps, consumer, Until::Drained, std::future::pending()).await?;
         Ok(Summary::new(spec, &metrics, report))
     }
+}
+
+/// Opens the profile's schema registry and registers the bundled schemas of
+/// the topology's source topic (a no-op when they are registered already).
+pub async fn open_registry(profile: &Profile, spec: &TopologySpec) -> anyhow::Result<Arc<dyn SchemaRegistry>> {
+    match &profile.registry {
+        RegistryProfile::Confluent(c) => {
+            let registry = ConfluentRegistry::new(c.clone()).map_err(anyhow::Error::msg)?;
+            for version in Schemas::versions(&spec.source.schema).unwrap_or_default() {
+                registry.register(&Schemas::subject(&spec.source.topic), &version.schema).await?;
+            }
+            Ok(Arc::new(registry))
+        }
+        RegistryProfile::File(_) => {
+            let path = profile.registry_path().expect("file registry has a path");
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let registry = FileRegistry::open(&path)?;
+            registry.register_bundled(&[(spec.source.topic.as_str(), spec.source.schema.as_str())])?;
+            Ok(Arc::new(registry))
+        }
+    }
+}
+
+/// Opens the profile's store; ClickHouse is migrated first when configured.
+pub async fn open_store(profile: &Profile) -> anyhow::Result<Arc<dyn AtomStore>> {
+    Ok(match &profile.store {
+        StoreProfile::Embedded(_) => {
+            std::fs::create_dir_all(profile.data_dir())?;
+            Arc::new(EmbeddedStore::open(profile.data_dir())?)
+        }
+        StoreProfile::Clickhouse(c) => {
+            let store = ClickHouseStore::connect(c.clone()).await?;
+            if c.migrate_on_start {
+                store.migrate().await?;
+            }
+            Arc::new(store)
+        }
+    })
+}
+
+/// Runs a topology against Kafka until `shutdown` completes, then drains and
+/// commits what finished.
+pub async fn run_kafka(profile: &Profile, spec: &TopologySpec, shutdown: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<Summary> {
+    let LogProfile::Kafka(kafka) = &profile.log else {
+        anyhow::bail!("this profile's log is not Kafka; `run` without --input needs `[log] kind = \"kafka\"`");
+    };
+    let clock = crate::clock::system();
+    let registry = open_registry(profile, spec).await?;
+    let store = open_store(profile).await?;
+    let embedder = build_embedder(&profile.embedder, clock.clone())?;
+    if kafka.create_topics {
+        let mut topics = vec![(spec.source.topic.clone(), spec.source.partitions), (spec.dead_letter.topic.clone(), spec.source.partitions)];
+        if let Some(p) = spec.stage(|s| if let StageSpec::Publish(p) = s { Some(p) } else { None }) {
+            topics.push((p.topic.clone(), spec.source.partitions));
+        }
+        let topics: Vec<(&str, i32)> = topics.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+        ensure_topics(kafka, &topics).await?;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let deps = Deps {
+        producer: Arc::new(KafkaProducer::new(kafka)?),
+        registry,
+        store,
+        embedder,
+        clock,
+        metrics: metrics.clone(),
+    };
+    let consumer = KafkaConsumer::new(kafka, &spec.group(), &[spec.source.topic.as_str()])?;
+    let report = crate::topology::atom_ingestion::run(spec, &deps, consumer, Until::Shutdown, shutdown).await?;
+    Ok(Summary::new(spec, &metrics, report))
 }
 
 pub fn build_embedder(profile: &EmbedderProfile, clock: SharedClock) -> anyhow::Result<Arc<dyn Embedder>> {

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::avro::confluent::ConfluentRegistryConfig;
 use crate::embed::openai::OpenAiConfig;
+use crate::log::kafka::KafkaConfig;
+use crate::store::clickhouse::ClickHouseConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -45,6 +48,10 @@ pub const EMBEDDED_PROFILE: &str = include_str!("../connectors/embedded.toml");
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
+    /// Local state: the embedded store's tables and the file registry.
+    /// `HARTONOMOUS_DATA_DIR` overrides it.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
     pub log: LogProfile,
     pub store: StoreProfile,
     #[serde(default)]
@@ -52,26 +59,55 @@ pub struct Profile {
     pub embedder: EmbedderProfile,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
-pub enum LogProfile {
-    /// The in-process log: topics live in memory for the length of one command.
-    Embedded {},
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("hartonomous-data")
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
-pub enum StoreProfile {
-    /// Parquet files under `data_dir`, queried with DataFusion SQL.
-    Embedded { data_dir: PathBuf },
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum LogProfile {
+    /// The in-process log: topics live in memory for the length of one command.
+    Embedded(EmbeddedLogProfile),
+    /// Any Kafka-protocol broker, through librdkafka.
+    Kafka(KafkaConfig),
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedLogProfile {}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StoreProfile {
+    /// Parquet files under `data_dir/tables`, queried with DataFusion SQL.
+    Embedded(EmbeddedStoreProfile),
+    /// ClickHouse over HTTP.
+    Clickhouse(ClickHouseConfig),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedStoreProfile {}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum RegistryProfile {
-    /// `<data_dir>/registry.json`: ids stay stable across runs.
-    #[default]
-    File,
+    /// A JSON file (default `<data_dir>/registry.json`); ids stay stable across runs.
+    File(FileRegistryProfile),
+    /// A Confluent-compatible Schema Registry.
+    Confluent(ConfluentRegistryConfig),
+}
+
+impl Default for RegistryProfile {
+    fn default() -> Self {
+        RegistryProfile::File(FileRegistryProfile::default())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileRegistryProfile {
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -110,7 +146,7 @@ impl Profile {
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| ConfigError::toml(path, e))?;
         for (key, value) in env {
             let fields: Vec<String> = if key == "HARTONOMOUS_DATA_DIR" {
-                vec!["store".into(), "data_dir".into()]
+                vec!["data_dir".into()]
             } else if let Some(rest) = key.strip_prefix("HARTONOMOUS__") {
                 rest.split("__").map(str::to_lowercase).collect()
             } else {
@@ -128,11 +164,17 @@ impl Profile {
     }
 
     pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        match &self.store {
-            StoreProfile::Embedded { data_dir } if data_dir.as_os_str().is_empty() => {
-                return Err(ConfigError::invalid(path, "store.data_dir", "is empty; set a directory, or HARTONOMOUS_DATA_DIR"));
-            }
-            StoreProfile::Embedded { .. } => {}
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(path, "data_dir", "is empty; set a directory, or HARTONOMOUS_DATA_DIR"));
+        }
+        if let LogProfile::Kafka(k) = &self.log {
+            k.check().map_err(|m| ConfigError::invalid(path, "log", m))?;
+        }
+        if let StoreProfile::Clickhouse(c) = &self.store {
+            c.check().map_err(|m| ConfigError::invalid(path, "store", m))?;
+        }
+        if let RegistryProfile::Confluent(r) = &self.registry {
+            r.check().map_err(|m| ConfigError::invalid(path, "registry", m))?;
         }
         match &self.embedder {
             EmbedderProfile::Hashing(h) if h.dimension == 0 || h.dimension > 16_384 => {
@@ -145,8 +187,14 @@ impl Profile {
     }
 
     pub fn data_dir(&self) -> &Path {
-        match &self.store {
-            StoreProfile::Embedded { data_dir } => data_dir,
+        &self.data_dir
+    }
+
+    /// Where the file registry lives, when the profile uses one.
+    pub fn registry_path(&self) -> Option<PathBuf> {
+        match &self.registry {
+            RegistryProfile::File(f) => Some(f.path.clone().unwrap_or_else(|| self.data_dir.join("registry.json"))),
+            RegistryProfile::Confluent(_) => None,
         }
     }
 }
@@ -184,7 +232,7 @@ mod tests {
     fn errors_name_file_field_and_fix() {
         let e = Profile::parse(Path::new("e.toml"), EMBEDDED_PROFILE, env(&[("HARTONOMOUS__EMBEDDER__DIMENSION", "0")])).unwrap_err().to_string();
         assert!(e.contains("e.toml") && e.contains("embedder.dimension") && e.contains("use 1..=16384"), "{e}");
-        let e = Profile::parse(Path::new("e.toml"), &EMBEDDED_PROFILE.replace("data_dir", "data_dri"), env(&[])).unwrap_err().to_string();
-        assert!(e.contains("e.toml") && e.contains("data_dri"), "{e}");
+        let e = Profile::parse(Path::new("e.toml"), &EMBEDDED_PROFILE.replace("max_batch", "max_btach"), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("e.toml") && e.contains("max_btach"), "{e}");
     }
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use hartonomous::app::Embedded;
 use hartonomous::avro::{self, Schemas};
 use hartonomous::clock;
-use hartonomous::config::Profile;
+use hartonomous::avro::confluent::ConfluentRegistry;
+use hartonomous::avro::{FileRegistry, SchemaRegistry};
+use hartonomous::config::{LogProfile, Profile, RegistryProfile, StoreProfile};
+use hartonomous::log::LogProducer;
+use hartonomous::store::clickhouse::ClickHouseStore;
 use hartonomous::topology::{self, spec::TopologySpec};
 
 /// Sample requests for `demo`: distinct texts, repeats and malformed records.
@@ -29,7 +33,8 @@ struct Cli {
 enum Command {
     /// Run atom ingestion over bundled sample data on the embedded default and print a summary.
     Demo,
-    /// Run a topology over an input file until it is drained, then print a summary.
+    /// Run a topology: over an input file on the embedded log until it is drained,
+    /// or, without --input, against Kafka until SIGINT/SIGTERM (then drain and commit).
     Run {
         /// Bundled topology name.
         #[arg(long, default_value = "atom-ingestion")]
@@ -37,9 +42,9 @@ enum Command {
         /// Run this declaration file instead of the bundled one.
         #[arg(long)]
         topology_file: Option<PathBuf>,
-        /// JSON lines, or framed wire records written by `produce --output`.
+        /// JSON lines, or framed wire records written by `produce --output` (embedded log only).
         #[arg(long)]
-        input: PathBuf,
+        input: Option<PathBuf>,
     },
     /// Encode JSON lines as Avro in the Confluent wire format.
     Produce {
@@ -48,9 +53,10 @@ enum Command {
         topic: String,
         #[arg(long)]
         input: PathBuf,
-        /// Write framed wire records to this file (the embedded log lives only inside one command).
+        /// Write framed wire records to this file instead of producing to Kafka
+        /// (required with the embedded log, which lives only inside one command).
         #[arg(long)]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// Bundled schema to encode with; default: the source schema of the topology reading `--topic`.
         #[arg(long)]
         schema: Option<String>,
@@ -58,8 +64,12 @@ enum Command {
         #[arg(long)]
         schema_version: Option<u32>,
     },
-    /// Run SQL against the store (tables: atoms, dead_letters).
+    /// Run SQL against the store (tables: atoms, dead_letters; on ClickHouse also atoms_per_source_hour).
     Query { sql: String },
+    /// Apply the ClickHouse DDL in schemas/clickhouse/ (idempotent).
+    Migrate,
+    /// List the schemas in the profile's registry file with their ids.
+    Schemas,
     /// Check or draw a topology declaration.
     Topology {
         #[command(subcommand)]
@@ -92,6 +102,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Completes on SIGINT or SIGTERM: the run then drains and commits.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("shutting down: draining in-flight records and committing");
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Topology { command: TopologyCommand::Validate { file } } => {
@@ -117,9 +137,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 Some(f) => TopologySpec::load(&f)?,
                 None => topology::bundled(&name)?,
             };
-            let records = hartonomous::input::read(&input, &spec.source.topic)?;
-            let app = Embedded::open(&profile, clock::system())?;
-            println!("{}", app.run_to_end(&spec, records).await?.render());
+            match (input, &profile.log) {
+                (Some(input), LogProfile::Embedded(_)) => {
+                    let records = hartonomous::input::read(&input, &spec.source.topic)?;
+                    let app = Embedded::open(&profile, clock::system())?;
+                    println!("{}", app.run_to_end(&spec, records).await?.render());
+                }
+                (Some(_), LogProfile::Kafka(_)) => {
+                    anyhow::bail!("--input loads the embedded log; with Kafka, write the records with `hartonomous produce` and run without --input")
+                }
+                (None, LogProfile::Kafka(_)) => {
+                    let summary = hartonomous::app::run_kafka(&profile, &spec, shutdown_signal()).await?;
+                    println!("{}", summary.render());
+                }
+                (None, LogProfile::Embedded(_)) => anyhow::bail!("the embedded log starts empty: pass --input FILE, or use a Kafka profile with --connectors"),
+            }
         }
         Command::Produce { topic, input, output, schema, schema_version } => {
             let profile = Profile::load(cli.connectors.as_deref())?;
@@ -137,8 +169,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 None => Schemas::current(&name),
             }
             .ok_or_else(|| anyhow::anyhow!("no bundled schema {name} (version {schema_version:?}); known: {:?}", Schemas::names()))?;
-            let app = Embedded::open(&profile, clock::system())?;
-            let id = app.registry.register_schema(&Schemas::subject(&topic), &version.schema)?;
+            let registry: std::sync::Arc<dyn SchemaRegistry> = match &profile.registry {
+                RegistryProfile::Confluent(c) => std::sync::Arc::new(ConfluentRegistry::new(c.clone()).map_err(anyhow::Error::msg)?),
+                RegistryProfile::File(_) => {
+                    let path = profile.registry_path().expect("file registry");
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::sync::Arc::new(FileRegistry::open(&path)?)
+                }
+            };
+            let id = registry.register(&Schemas::subject(&topic), &version.schema).await?;
             let lines = std::fs::read(&input).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let mut out = Vec::new();
             for (n, line) in lines.split(|b| *b == b'\n').enumerate().filter(|(_, l)| l.iter().any(|b| !b.is_ascii_whitespace())) {
@@ -149,13 +190,58 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 let key = json.get("correlation_id").and_then(|v| v.as_str()).map(|s| s.as_bytes().to_vec());
                 out.push((key, payload));
             }
-            hartonomous::input::write_wire(&output, &out).map_err(|e| anyhow::anyhow!("{}: {e}", output.display()))?;
-            println!("wrote {} records ({} v{}, schema id {id}) to {}", out.len(), name, version.version, output.display());
+            match (output, &profile.log) {
+                (Some(output), _) => {
+                    hartonomous::input::write_wire(&output, &out).map_err(|e| anyhow::anyhow!("{}: {e}", output.display()))?;
+                    println!("wrote {} records ({} v{}, schema id {id}) to {}", out.len(), name, version.version, output.display());
+                }
+                (None, LogProfile::Kafka(k)) => {
+                    let producer = hartonomous::log::kafka::KafkaProducer::new(k)?;
+                    let sends = out.into_iter().map(|(key, payload)| {
+                        producer.send(hartonomous::record::OutgoingRecord { topic: topic.clone(), key, payload, ..Default::default() })
+                    });
+                    let n = futures::future::try_join_all(sends).await?.len();
+                    println!("produced {n} records ({} v{}, schema id {id}) to {topic}", name, version.version);
+                }
+                (None, LogProfile::Embedded(_)) => {
+                    anyhow::bail!("the embedded log lives only inside one command: pass --output FILE.wire, then `hartonomous run --input FILE.wire`")
+                }
+            }
+        }
+        Command::Migrate => {
+            let profile = Profile::load(cli.connectors.as_deref())?;
+            match &profile.store {
+                StoreProfile::Clickhouse(c) => {
+                    let store = ClickHouseStore::connect(c.clone()).await?;
+                    let applied = store.migrate().await?;
+                    println!("{} migration(s) applied to {}{}", applied.len(), c.database, if applied.is_empty() { " (already up to date)" } else { "" });
+                    for f in applied {
+                        println!("  {f}");
+                    }
+                }
+                StoreProfile::Embedded(_) => println!("the embedded store needs no migration"),
+            }
+        }
+        Command::Schemas => {
+            let profile = Profile::load(cli.connectors.as_deref())?;
+            let path = profile.registry_path().ok_or_else(|| anyhow::anyhow!("the profile's registry is not a file registry"))?;
+            let registry = FileRegistry::open(&path)?;
+            for s in registry.list() {
+                println!("{:>4}  {}  v{}  {}", s.id, s.subject, s.version, s.schema.canonical_form());
+            }
         }
         Command::Query { sql } => {
             let profile = Profile::load(cli.connectors.as_deref())?;
-            let store = hartonomous::store::embedded::EmbeddedStore::open(profile.data_dir())?;
-            println!("{}", store.query_to_string(&sql).await?);
+            match &profile.store {
+                StoreProfile::Embedded(_) => {
+                    let store = hartonomous::store::embedded::EmbeddedStore::open(profile.data_dir())?;
+                    println!("{}", store.query_to_string(&sql).await?);
+                }
+                StoreProfile::Clickhouse(c) => {
+                    let store = ClickHouseStore::connect(c.clone()).await?;
+                    print!("{}", store.query_text(&sql).await?);
+                }
+            }
         }
     }
     Ok(())

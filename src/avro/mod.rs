@@ -40,6 +40,7 @@ use std::sync::{Arc, OnceLock};
 
 use apache_avro::Schema;
 
+pub mod confluent;
 pub mod json;
 pub mod registry;
 pub mod wire;

@@ -21,7 +21,7 @@ use super::stage::StageContext;
 use super::window::{Window, WindowConfig};
 use crate::dead_letter::DeadLetter;
 use crate::log::{LogConsumer, LogError, LogProducer};
-use crate::outcome::{ErrorClass, Fatal};
+use crate::outcome::{Classify, ErrorClass, Fatal};
 use crate::record::TopicPartition;
 use crate::resilience::{Attempted, BreakerConfig, CircuitBreaker, Resilient, RetryConfig};
 use crate::store::AtomStore;
@@ -231,7 +231,11 @@ where
         }
 
         if clock.now_ms() - last_commit >= cfg.commit_interval.as_millis() as i64 {
-            commit(&mut consumer, &tracker, &metrics, &mut report).await?;
+            match commit(&mut consumer, &tracker, &metrics, &mut report).await {
+                // A failed commit loses nothing: the same offsets (or later ones) go next time.
+                Err(e) if e.class() == ErrorClass::Retry => tracing::warn!(error = %e, "commit failed; retrying at the next interval"),
+                other => other?,
+            }
             last_commit = clock.now_ms();
         }
     };
@@ -280,8 +284,11 @@ fn revoke_handler(tracker: Arc<Mutex<OffsetTracker>>, timeout: Duration) -> crat
     })
 }
 
+/// Every assigned partition is read to its end. False while nothing is
+/// assigned yet (a group still joining is not caught up).
 fn caught_up<C: LogConsumer>(consumer: &C) -> bool {
-    consumer.positions().values().all(|p| p.end.is_some_and(|end| p.next >= end))
+    let positions = consumer.positions();
+    !positions.is_empty() && positions.values().all(|p| p.end.is_some_and(|end| p.next >= end))
 }
 
 /// Hands the window to the first edge, or queues it when the edge is full

@@ -3,6 +3,7 @@
 //! implements the same contract.
 
 pub mod embedded;
+pub mod clickhouse;
 
 use std::collections::HashSet;
 

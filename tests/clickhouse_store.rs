@@ -1,0 +1,612 @@
+//! The ClickHouse store against a real server.
+//!
+//! Needs ClickHouse's HTTP interface at `HARTONOMOUS_TEST_CLICKHOUSE`
+//! (default `http://127.0.0.1:18123`, user `default` without password), e.g.
+//! from `tests/services.sh up`. Every test fails, saying so, when it is not
+//! reachable. Each test works in a database of its own,
+//! `hartonomous_test_<pid>_<random>`, dropped when the test ends (also when it
+//! fails).
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use hartonomous::atom::{AtomRow, ContentHash};
+use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore, MIGRATIONS, ServerVersion};
+use hartonomous::store::{AtomStore, DeadLetterRow, InsertReport, StoreError};
+use serde::Deserialize;
+
+const DEFAULT_URL: &str = "http://127.0.0.1:18123";
+
+fn server_url() -> String {
+    std::env::var("HARTONOMOUS_TEST_CLICKHOUSE").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| DEFAULT_URL.into())
+}
+
+/// A database of its own for one test, dropped on drop.
+struct TestDb {
+    url: String,
+    name: String,
+    /// Scoped to the test database, for raw statements that bypass the store.
+    raw: clickhouse::Client,
+}
+
+impl TestDb {
+    async fn new() -> Self {
+        let url = server_url();
+        let server = clickhouse::Client::default().with_url(url.as_str()).with_validation(false);
+        let probe = tokio::time::timeout(Duration::from_secs(10), server.query("SELECT 1").fetch_one::<u8>()).await;
+        match probe {
+            Ok(Ok(1)) => {}
+            Ok(Ok(other)) => panic!("ClickHouse at {url} answered SELECT 1 with {other}"),
+            Ok(Err(e)) => panic!(
+                "ClickHouse is not reachable at {url}: {e}. These tests need a running server: \
+                 start one with `tests/services.sh up`, or point HARTONOMOUS_TEST_CLICKHOUSE at its HTTP URL"
+            ),
+            Err(_) => panic!(
+                "ClickHouse at {url} did not answer SELECT 1 within 10 s. Start one with \
+                 `tests/services.sh up`, or point HARTONOMOUS_TEST_CLICKHOUSE at its HTTP URL"
+            ),
+        }
+        let name = format!("hartonomous_test_{}_{:08x}", std::process::id(), rand::random::<u32>());
+        let raw = server.with_database(name.as_str());
+        Self { url, name, raw }
+    }
+
+    fn config(&self) -> ClickHouseConfig {
+        ClickHouseConfig { url: self.url.clone(), database: self.name.clone(), ..ClickHouseConfig::default() }
+    }
+
+    async fn store(&self) -> ClickHouseStore {
+        ClickHouseStore::connect(self.config()).await.expect("connect and migrate")
+    }
+
+    /// Runs a statement in the test database, outside the store.
+    async fn exec(&self, sql: &str) {
+        self.raw.query(sql).execute().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Blocking and dependency-free, so it also runs while a test panics.
+        if let Err(e) = http_post(&self.url, &format!("DROP DATABASE IF EXISTS {}", self.name)) {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+fn http_post(url: &str, body: &str) -> std::io::Result<String> {
+    let parsed = reqwest::Url::parse(url).map_err(std::io::Error::other)?;
+    let host = parsed.host_str().unwrap_or("127.0.0.1");
+    let port = parsed.port_or_known_default().unwrap_or(8123);
+    let mut stream = TcpStream::connect((host, port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "POST {} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        parsed.path(),
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    if !response.starts_with("HTTP/1.1 200") && !response.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(response));
+    }
+    Ok(response)
+}
+
+/// 2023-11-14 22:13:20 UTC.
+const T0_MS: i64 = 1_700_000_000_000;
+
+fn atom(content: &str, offset: i64) -> AtomRow {
+    let content = content.as_bytes().to_vec();
+    AtomRow {
+        content_hash: ContentHash::of(&content),
+        content_type: "text/plain".into(),
+        content,
+        source_system: "tests".into(),
+        correlation_id: format!("corr-{offset}"),
+        metadata_json: format!(r#"{{"n":"{offset}"}}"#),
+        embedding: vec![offset as f32, 0.5, -1.25],
+        embedding_model: "test-model".into(),
+        event_time_ms: T0_MS + offset,
+        source_topic: "atoms.requests".into(),
+        source_partition: 0,
+        source_offset: offset,
+        ingested_at_ms: T0_MS + 1_000 + offset,
+        trace_id: format!("trace-{offset}"),
+    }
+}
+
+fn atoms(prefix: &str, n: usize) -> Vec<AtomRow> {
+    (0..n).map(|i| atom(&format!("{prefix}-{i}"), i as i64)).collect()
+}
+
+fn dead_letter(topic: &str, partition: i32, offset: i64) -> DeadLetterRow {
+    DeadLetterRow {
+        topology: "atom-ingestion".into(),
+        source_topic: topic.into(),
+        source_partition: partition,
+        source_offset: offset,
+        stage: "validate".into(),
+        reason: "validate.content_type".into(),
+        error: "unsupported content type".into(),
+        attempts: 1,
+        failed_at_ms: T0_MS + 2_000 + offset,
+        original_key: if offset % 2 == 0 { Some(vec![1, 2, 3]) } else { None },
+        original_payload: vec![0xde, 0xad, offset as u8, 0x00, 0xff],
+    }
+}
+
+fn expect_fatal<T: std::fmt::Debug>(result: Result<T, StoreError>, mentions: &str) -> String {
+    match result {
+        Err(StoreError::Fatal(message)) => {
+            assert!(message.contains(mentions), "expected `{mentions}` in: {message}");
+            message
+        }
+        other => panic!("expected StoreError::Fatal mentioning `{mentions}`, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn migrate_creates_the_tables_and_is_idempotent() {
+    let db = TestDb::new().await;
+    let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
+    // connect created the database, and nothing else.
+    assert_eq!(
+        store.query_scalar_u64(&format!("SELECT count() FROM system.databases WHERE name = '{}'", db.name)).await.unwrap(),
+        1
+    );
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase()").await.unwrap(), 0);
+
+    let applied = store.migrate().await.unwrap();
+    let all: Vec<String> = MIGRATIONS.iter().map(|(name, _)| name.to_string()).collect();
+    assert_eq!(applied, all);
+    assert_eq!(store.migrate().await.unwrap(), Vec::<String>::new(), "second migrate applies nothing");
+
+    let tables = store
+        .query_scalar_u64(
+            "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name IN \
+             ('hartonomous_migrations', 'atoms', 'dead_letters', 'atoms_per_source_hour', 'atoms_per_source_hour_mv')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(tables, 5);
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM hartonomous_migrations").await.unwrap(), all.len() as u64);
+
+    // Another store with migrate_on_start finds everything in place.
+    let again = db.store().await;
+    assert_eq!(again.query_scalar_u64("SELECT count() FROM hartonomous_migrations").await.unwrap(), all.len() as u64);
+    let engines = again.query_text("SHOW CREATE TABLE atoms").await.unwrap();
+    assert!(engines.contains("ReplacingMergeTree(ingested_at_ms)"), "{engines}");
+}
+
+#[tokio::test]
+async fn an_edited_applied_schema_file_is_refused_by_name() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    // As if 002 had been applied with different text.
+    db.exec("INSERT INTO hartonomous_migrations SELECT '002_dead_letters.sql', 'not-the-bundled-checksum', now()").await;
+    let message = expect_fatal(store.migrate().await, "002_dead_letters.sql");
+    assert!(message.contains("not-the-bundled-checksum"), "{message}");
+}
+
+#[tokio::test]
+async fn a_table_altered_behind_the_store_is_refused() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    db.exec("ALTER TABLE atoms MODIFY COLUMN source_partition Int64").await;
+    let message = expect_fatal(store.migrate().await, "source_partition");
+    assert!(message.contains("Int64") && message.contains("Int32"), "{message}");
+}
+
+#[tokio::test]
+async fn inserting_the_same_atoms_again_keeps_one_row_each() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let rows = atoms("hundred", 100);
+    assert_eq!(store.insert_atoms(&rows).await.unwrap(), InsertReport { inserted: 100, already_present: 0 });
+    assert_eq!(store.insert_atoms(&rows).await.unwrap(), InsertReport { inserted: 0, already_present: 100 });
+    assert_eq!(store.count_atoms_final().await.unwrap(), 100);
+    // The store never wrote a second copy, even before merges.
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms").await.unwrap(), 100);
+
+    // Old and new rows mixed, with a repeat inside the call: the first occurrence wins.
+    let mut mixed: Vec<AtomRow> = rows[..50].to_vec();
+    mixed.extend(atoms("ten-more", 10));
+    let mut repeat = mixed[55].clone();
+    repeat.trace_id = "second-occurrence".into();
+    mixed.push(repeat);
+    assert_eq!(store.insert_atoms(&mixed).await.unwrap(), InsertReport { inserted: 10, already_present: 51 });
+    assert_eq!(store.count_atoms_final().await.unwrap(), 110);
+    assert_eq!(
+        store.query_scalar_u64("SELECT count() FROM atoms WHERE trace_id = 'second-occurrence'").await.unwrap(),
+        0
+    );
+    assert_eq!(store.insert_atoms(&[]).await.unwrap(), InsertReport::default());
+}
+
+#[tokio::test]
+async fn concurrent_inserts_of_the_same_rows_write_each_once() {
+    let db = TestDb::new().await;
+    let store = std::sync::Arc::new(db.store().await);
+    let rows = std::sync::Arc::new(atoms("race", 40));
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            let rows = rows.clone();
+            tokio::spawn(async move { store.insert_atoms(&rows).await.unwrap() })
+        })
+        .collect();
+    let mut inserted = 0;
+    for task in tasks {
+        let report = task.await.unwrap();
+        assert_eq!(report.inserted + report.already_present, 40);
+        inserted += report.inserted;
+    }
+    assert_eq!(inserted, 40);
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms").await.unwrap(), 40);
+}
+
+#[tokio::test]
+async fn existing_hashes_answers_for_a_mix_of_known_and_unknown() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let stored = atoms("known", 10);
+    store.insert_atoms(&stored).await.unwrap();
+
+    let known: HashSet<ContentHash> = stored.iter().map(|r| r.content_hash).collect();
+    let unknown: Vec<ContentHash> = (0..10).map(|i| ContentHash::of(format!("unknown-{i}").as_bytes())).collect();
+    let mut asked: Vec<ContentHash> = stored.iter().map(|r| r.content_hash).collect();
+    asked.extend(&unknown);
+    asked.push(stored[0].content_hash);
+    assert_eq!(store.existing_hashes(&asked).await.unwrap(), known);
+    assert!(store.existing_hashes(&unknown).await.unwrap().is_empty());
+    assert!(store.existing_hashes(&[]).await.unwrap().is_empty());
+
+    // More hashes than one query carries.
+    let mut many: Vec<ContentHash> = (0..5_000).map(|i| ContentHash::of(format!("absent-{i}").as_bytes())).collect();
+    many.insert(2_500, stored[3].content_hash);
+    many.push(stored[7].content_hash);
+    let found = store.existing_hashes(&many).await.unwrap();
+    assert_eq!(found, HashSet::from([stored[3].content_hash, stored[7].content_hash]));
+}
+
+#[tokio::test]
+async fn a_replay_that_bypasses_the_check_still_counts_each_atom_once() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let rows = atoms("replayed", 20);
+    store.insert_atoms(&rows).await.unwrap();
+
+    // A crash-replay written behind the store's back: exact copies of five
+    // rows, and five re-ingested two hours later (another hour of the summary).
+    db.exec("INSERT INTO atoms SELECT * FROM atoms WHERE source_offset < 5").await;
+    db.exec(
+        "INSERT INTO atoms (content_hash, content_type, content, content_size, source_system, correlation_id, \
+         metadata, embedding, embedding_model, embedding_dimension, event_time, event_time_ms, source_topic, \
+         source_partition, source_offset, ingested_at, ingested_at_ms, trace_id) \
+         SELECT content_hash, content_type, content, content_size, source_system, correlation_id, metadata, \
+         embedding, embedding_model, embedding_dimension, event_time, event_time_ms, source_topic, \
+         source_partition, source_offset, ingested_at + 7200, ingested_at_ms + 7200000, 'replay' \
+         FROM atoms WHERE source_offset >= 15",
+    )
+    .await;
+
+    assert_eq!(store.count_atoms_final().await.unwrap(), 20);
+    // FINAL keeps the latest version of each replayed atom.
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms FINAL WHERE trace_id = 'replay'").await.unwrap(), 5);
+
+    let total_bytes: u64 = rows.iter().map(|r| r.content.len() as u64).sum();
+    assert_eq!(
+        store.query_scalar_u64("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour WHERE source_system = 'tests'").await.unwrap(),
+        20
+    );
+    assert_eq!(
+        store
+            .query_scalar_u64(
+                "SELECT arraySum(arrayMap(t -> t.2, groupUniqArrayMerge(bytes))) FROM atoms_per_source_hour \
+                 WHERE source_system = 'tests'"
+            )
+            .await
+            .unwrap(),
+        total_bytes
+    );
+    // Per hour: the first hour saw all 20 (the exact copies changed nothing),
+    // the later hour the 5 re-ingested ones: the replays did reach the view.
+    let hour0 = (T0_MS / 1000 / 3600) * 3600;
+    let per_hour = |hour: i64| {
+        format!("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour WHERE hour = toDateTime({hour}, 'UTC')")
+    };
+    assert_eq!(store.query_scalar_u64(&per_hour(hour0)).await.unwrap(), 20);
+    assert_eq!(store.query_scalar_u64(&per_hour(hour0 + 7200)).await.unwrap(), 5);
+
+    // After a full merge the duplicates are gone physically too.
+    db.exec("OPTIMIZE TABLE atoms FINAL").await;
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms").await.unwrap(), 20);
+
+    // And the store still treats them as present.
+    assert_eq!(store.insert_atoms(&rows).await.unwrap(), InsertReport { inserted: 0, already_present: 20 });
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct StoredDeadLetter {
+    source_offset: i64,
+    error: String,
+    attempts: u32,
+    failed_at: u32,
+    failed_at_ms: i64,
+    original_key: Option<Vec<u8>>,
+    original_payload: Vec<u8>,
+}
+
+#[tokio::test]
+async fn dead_letters_are_idempotent_by_position() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let rows = vec![dead_letter("in", 0, 10), dead_letter("in", 0, 11), dead_letter("in", 1, 10), dead_letter("other", 0, 10)];
+    assert_eq!(store.insert_dead_letters(&rows).await.unwrap(), InsertReport { inserted: 4, already_present: 0 });
+
+    // Same position, other content: still the same dead letter.
+    let mut replay = dead_letter("in", 0, 10);
+    replay.error = "a different message".into();
+    let report = store.insert_dead_letters(&[replay.clone(), dead_letter("in", 0, 12), replay]).await.unwrap();
+    assert_eq!(report, InsertReport { inserted: 1, already_present: 2 });
+    assert_eq!(store.insert_dead_letters(&rows).await.unwrap(), InsertReport { inserted: 0, already_present: 4 });
+    assert_eq!(store.count_dead_letters_final().await.unwrap(), 5);
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM dead_letters").await.unwrap(), 5);
+
+    let stored: Vec<StoredDeadLetter> = db
+        .raw
+        .query("SELECT ?fields FROM dead_letters FINAL WHERE source_topic = 'in' AND source_partition = 0 ORDER BY source_offset")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[0].source_offset, 10);
+    assert_eq!(stored[0].error, "unsupported content type", "the first archived version stays");
+    assert_eq!(stored[0].original_key, Some(vec![1, 2, 3]));
+    assert_eq!(stored[1].original_key, None, "no key is not an empty key");
+    assert_eq!(stored[1].original_payload, vec![0xde, 0xad, 11, 0x00, 0xff]);
+    assert_eq!(stored[2].attempts, 1);
+    assert_eq!(stored[2].failed_at_ms, T0_MS + 2_012);
+    assert_eq!(stored[2].failed_at, ((T0_MS + 2_012) / 1000) as u32);
+}
+
+#[tokio::test]
+async fn missing_tables_and_databases_are_fatal() {
+    let db = TestDb::new().await;
+    // Connected, but the schema was never applied.
+    let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
+    expect_fatal(store.insert_atoms(&atoms("x", 3)).await, "UNKNOWN_TABLE");
+    expect_fatal(store.existing_hashes(&[ContentHash::of(b"x")]).await, "UNKNOWN_TABLE");
+    expect_fatal(store.insert_dead_letters(&[dead_letter("in", 0, 1)]).await, "UNKNOWN_TABLE");
+    expect_fatal(store.query_text("SELECT * FROM no_such_table").await, "no_such_table");
+
+    // The database disappears under a working store.
+    let store = db.store().await;
+    store.insert_atoms(&atoms("before", 2)).await.unwrap();
+    db.exec(&format!("DROP DATABASE {}", db.name)).await;
+    expect_fatal(store.insert_atoms(&atoms("after", 2)).await, "UNKNOWN_DATABASE");
+    expect_fatal(store.count_atoms_final().await, "UNKNOWN_DATABASE");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable() {
+    let config = ClickHouseConfig { url: "http://127.0.0.1:1".into(), request_timeout_ms: 5_000, ..ClickHouseConfig::default() };
+    match ClickHouseStore::connect(config).await {
+        Err(StoreError::Unavailable(message)) => {
+            assert!(message.contains("127.0.0.1:1"), "{message}");
+            println!("connecting to a closed port: {message}");
+        }
+        other => panic!("expected StoreError::Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_fatal() {
+    let db = TestDb::new().await;
+    let result = ClickHouseStore::connect_with_password(db.config(), Some("certainly-not-the-password".into())).await;
+    match result {
+        Err(StoreError::Fatal(message)) => {
+            assert!(
+                ["WRONG_PASSWORD", "AUTHENTICATION_FAILED", "REQUIRED_PASSWORD"].iter().any(|code| message.contains(code)),
+                "{message}"
+            );
+            assert!(!message.contains("certainly-not-the-password"), "the password leaked: {message}");
+        }
+        other => panic!("expected StoreError::Fatal, got {other:?}"),
+    }
+    // And a password variable that is not set is named.
+    let config = ClickHouseConfig { password_env: Some("HARTONOMOUS_TEST_NO_SUCH_PASSWORD_VAR".into()), ..db.config() };
+    expect_fatal(ClickHouseStore::connect(config).await, "HARTONOMOUS_TEST_NO_SUCH_PASSWORD_VAR");
+}
+
+#[tokio::test]
+async fn large_calls_are_split_by_rows_and_bytes() {
+    let db = TestDb::new().await;
+    let store = ClickHouseStore::connect(ClickHouseConfig { max_rows_per_insert: 7, ..db.config() }).await.unwrap();
+    let rows = atoms("split", 50);
+    assert_eq!(store.insert_atoms(&rows).await.unwrap(), InsertReport { inserted: 50, already_present: 0 });
+    assert_eq!(store.count_atoms_final().await.unwrap(), 50);
+    // Each INSERT into one partition takes the next block number; merges keep the maximum.
+    let blocks = "SELECT max(max_block_number) FROM system.parts WHERE database = currentDatabase() AND table = 'atoms'";
+    assert_eq!(store.query_scalar_u64(blocks).await.unwrap(), 8, "50 rows at 7 per insert");
+
+    let db = TestDb::new().await;
+    let mut big = atoms("bytes", 20);
+    for row in &mut big {
+        row.content = vec![b'x'; 3_200];
+        row.content.extend(row.correlation_id.as_bytes());
+        row.content_hash = ContentHash::of(&row.content);
+    }
+    let store = ClickHouseStore::connect(ClickHouseConfig { max_bytes_per_insert: 10_000, ..db.config() }).await.unwrap();
+    assert_eq!(store.insert_atoms(&big).await.unwrap().inserted, 20);
+    assert_eq!(store.count_atoms_final().await.unwrap(), 20);
+    assert_eq!(store.query_scalar_u64(blocks).await.unwrap(), 10, "about 3.5 KB per row, 2 rows per 10 KB insert");
+
+    // A single row over the limit cannot be written: rejected, naming it.
+    let mut huge = atom("huge", 99);
+    huge.content = vec![b'y'; 20_000];
+    huge.content_hash = ContentHash::of(&huge.content);
+    match store.insert_atoms(&[huge.clone()]).await {
+        Err(StoreError::RowRejected(message)) => {
+            assert!(message.contains(&huge.content_hash.to_hex()) && message.contains("max_bytes_per_insert"), "{message}")
+        }
+        other => panic!("expected RowRejected, got {other:?}"),
+    }
+    assert_eq!(store.count_atoms_final().await.unwrap(), 20);
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct StoredAtom {
+    content_hash: String,
+    content: Vec<u8>,
+    content_size: u64,
+    metadata: String,
+    embedding: Vec<f32>,
+    embedding_dimension: u32,
+    event_time: u32,
+    event_time_ms: i64,
+    ingested_at: u32,
+    ingested_at_ms: u64,
+    source_offset: i64,
+    trace_id: String,
+}
+
+#[tokio::test]
+async fn embeddings_binary_content_and_times_round_trip() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let mut rows = atoms("round-trip", 3);
+    rows[0].embedding = vec![];
+    rows[1].embedding = vec![f32::MIN_POSITIVE, 1e-7, 3.5, -0.0, 123_456.79, f32::MAX, -f32::MIN_POSITIVE / 4.0, f32::INFINITY];
+    rows[2].embedding = (0..384).map(|i| (i as f32 * 0.37).sin()).collect();
+    rows[2].content = vec![0x00, 0xff, b'\n', b'\r', 0xc3, 0x28];
+    rows[2].content_hash = ContentHash::of(&rows[2].content);
+    rows[2].event_time_ms = -1_500; // before 1970: the DateTime clamps, the milliseconds stay exact
+    rows[1].event_time_ms = T0_MS + 999;
+    store.insert_atoms(&rows).await.unwrap();
+
+    let stored: Vec<StoredAtom> =
+        db.raw.query("SELECT ?fields FROM atoms FINAL ORDER BY source_offset").fetch_all().await.unwrap();
+    assert_eq!(stored.len(), 3);
+    for (got, want) in stored.iter().zip(&rows) {
+        assert_eq!(got.content_hash, want.content_hash.to_hex());
+        assert_eq!(got.content, want.content);
+        assert_eq!(got.content_size, want.content.len() as u64);
+        assert_eq!(got.metadata, want.metadata_json);
+        assert_eq!(got.embedding_dimension as usize, want.embedding.len());
+        let got_bits: Vec<u32> = got.embedding.iter().map(|f| f.to_bits()).collect();
+        let want_bits: Vec<u32> = want.embedding.iter().map(|f| f.to_bits()).collect();
+        assert_eq!(got_bits, want_bits, "embedding of offset {}", want.source_offset);
+        assert_eq!(got.event_time_ms, want.event_time_ms);
+        assert_eq!(got.ingested_at_ms, want.ingested_at_ms as u64);
+        assert_eq!(got.ingested_at as i64, want.ingested_at_ms / 1000);
+        assert_eq!(got.source_offset, want.source_offset);
+        assert_eq!(got.trace_id, want.trace_id);
+    }
+    assert_eq!(stored[1].event_time, 1_700_000_000);
+    assert_eq!(stored[2].event_time, 0);
+
+    let text = store
+        .query_text("SELECT source_offset, toString(event_time) AS t, toString(ingested_at) AS i FROM atoms FINAL ORDER BY source_offset")
+        .await
+        .unwrap();
+    assert!(text.contains("2023-11-14 22:13:20"), "{text}");
+    // The clamped zero DateTime: 18.16 prints it as 0000-00-00, current releases as 1970-01-01.
+    assert!(text.contains("1970-01-01 00:00:00") || text.contains("0000-00-00 00:00:00"), "{text}");
+    assert!(text.contains("2023-11-14 22:13:21"), "{text}");
+}
+
+#[tokio::test]
+async fn query_text_formats_tables_and_refuses_writes() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    store.insert_atoms(&atoms("q", 3)).await.unwrap();
+    let text = store.query_text("SELECT source_offset, trace_id FROM atoms FINAL ORDER BY source_offset").await.unwrap();
+    println!("{text}");
+    assert!(text.contains("source_offset") && text.contains("trace_id"), "{text}");
+    assert!(text.contains("trace-0") && text.contains("trace-2"), "{text}");
+    assert!(text.contains('┌') && !text.contains('\u{1b}'), "pretty, without colour escapes: {text:?}");
+    assert_eq!(text.lines().count(), 5, "{text}");
+
+    expect_fatal(store.query_text("INSERT INTO atoms SELECT * FROM atoms").await, "INSERT");
+    expect_fatal(store.query_text("DROP TABLE atoms").await, "DROP");
+    expect_fatal(store.query_text("SYSTEM STOP MERGES").await, "SYSTEM");
+    // The server refuses too: the query runs with readonly=2.
+    expect_fatal(store.query_text("SELECT count() FROM atoms SETTINGS readonly = 0").await, "readonly");
+    expect_fatal(store.query_text("SELEC 1").await, "SELEC");
+    assert_eq!(store.count_atoms_final().await.unwrap(), 3);
+
+    expect_fatal(store.query_scalar_u64("SELECT 'not a number'").await, "not a number");
+    assert_eq!(store.query_scalar_u64("SELECT toUInt8(7)").await.unwrap(), 7);
+}
+
+#[tokio::test]
+async fn dedup_token_support_is_detected_from_the_server() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let caps = store.capabilities().clone();
+    println!("server {} ({}), dedup tokens: {}", caps.version_string, caps.version, caps.supports_dedup_token);
+    let has_setting = store
+        .query_scalar_u64("SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'")
+        .await
+        .unwrap();
+    if caps.version < (ServerVersion { major: 21, minor: 0 }) {
+        assert!(!caps.supports_dedup_token, "{caps:?}");
+        assert_eq!(has_setting, 0);
+    }
+    if caps.supports_dedup_token {
+        assert_eq!(has_setting, 1);
+        let with_window = store
+            .query_scalar_u64(
+                "SELECT count() FROM system.tables WHERE database = currentDatabase() \
+                 AND name IN ('atoms', 'dead_letters') AND engine_full LIKE '%non_replicated_deduplication_window%'",
+            )
+            .await
+            .unwrap();
+        assert_eq!(with_window, 2);
+    }
+}
+
+/// One quick measurement, printed, not asserted on time: 10,000 atoms of
+/// about 2.1 KB (500 B of text and a 384-dimension embedding) in one call.
+#[tokio::test]
+async fn insert_rate_of_10k_rows_with_384_dim_embeddings() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let text = "Kafka topics feed ClickHouse tables with atoms. ".repeat(10);
+    let rows: Vec<AtomRow> = (0..10_000)
+        .map(|i| {
+            let mut row = atom(&format!("{i:06} {text}"), i);
+            row.content.truncate(500);
+            row.content_hash = ContentHash::of(&row.content);
+            row.embedding = (0..384).map(|d| ((i * 384 + d) as f32).sin()).collect();
+            row
+        })
+        .collect();
+    let unique: HashSet<ContentHash> = rows.iter().map(|r| r.content_hash).collect();
+    assert_eq!(unique.len(), 10_000);
+    let bytes: usize = rows.iter().map(|r| r.content.len() + 4 * r.embedding.len() + 150).sum();
+
+    let started = Instant::now();
+    let report = store.insert_atoms(&rows).await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(report, InsertReport { inserted: 10_000, already_present: 0 });
+    println!(
+        "insert_atoms: 10000 rows of ~{} B ({:.1} MB) in {:.3} s = {:.0} rows/s, {:.1} MB/s (server {})",
+        bytes / rows.len(),
+        bytes as f64 / 1e6,
+        elapsed.as_secs_f64(),
+        10_000.0 / elapsed.as_secs_f64(),
+        bytes as f64 / 1e6 / elapsed.as_secs_f64(),
+        store.capabilities().version_string
+    );
+    let started = Instant::now();
+    let report = store.insert_atoms(&rows).await.unwrap();
+    println!("re-insert (all present, existence check only): {:.3} s", started.elapsed().as_secs_f64());
+    assert_eq!(report.already_present, 10_000);
+    assert_eq!(store.count_atoms_final().await.unwrap(), 10_000);
+}

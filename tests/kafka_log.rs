@@ -1,0 +1,432 @@
+//! The Kafka implementation of the log contract, against a real broker.
+//!
+//! The broker address comes from `HARTONOMOUS_TEST_KAFKA` (default
+//! `127.0.0.1:19092`; `tests/services.sh up` starts one). Tests that need it
+//! fail with a message saying so when it is unreachable. Every test uses its
+//! own topics and groups, so they run in parallel, and every wait has a
+//! deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use hartonomous::log::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, ensure_topics};
+use hartonomous::log::{LogConsumer, LogError, LogProducer, RevokeHandler};
+use hartonomous::record::{Headers, OutgoingRecord, Position, Record, TopicPartition};
+use tokio::time::Instant;
+
+/// The longest any single wait in these tests may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn bootstrap() -> String {
+    std::env::var("HARTONOMOUS_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// The test configuration; fails the test when no broker answers. Logs go
+/// to the test output (`RUST_LOG=hartonomous=debug` shows rebalances).
+fn broker() -> KafkaConfig {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let addr = bootstrap();
+    let reachable = addr
+        .split(',')
+        .filter_map(|a| a.trim().to_socket_addrs().ok())
+        .flatten()
+        .any(|sa| TcpStream::connect_timeout(&sa, Duration::from_secs(3)).is_ok());
+    assert!(
+        reachable,
+        "no Kafka broker reachable at {addr}: start one with `tests/services.sh up`, or set HARTONOMOUS_TEST_KAFKA to a broker's host:port"
+    );
+    let mut c = KafkaConfig::new(addr);
+    // tansu joins a group in about a second with these (INFRA.md); real Kafka needs 6000 or more.
+    c.session_timeout_ms = 2000;
+    c.heartbeat_interval_ms = 200;
+    c.statistics_interval_ms = 200;
+    c.properties.insert("message.timeout.ms".into(), "30000".into());
+    c
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+async fn topic(config: &KafkaConfig, prefix: &str, partitions: i32) -> String {
+    let name = unique(prefix);
+    ensure_topics(config, &[(&name, partitions)]).await.expect("create topic");
+    name
+}
+
+fn rec(topic: &str, partition: Option<i32>, key: &str, payload: &str) -> OutgoingRecord {
+    OutgoingRecord { topic: topic.into(), partition, key: Some(key.into()), payload: payload.into(), ..Default::default() }
+}
+
+async fn send_all(producer: &KafkaProducer, records: &[OutgoingRecord]) -> Vec<Position> {
+    let sent = tokio::time::timeout(DEADLINE, join_all(records.iter().map(|r| producer.send(r.clone())))).await.expect("sends timed out");
+    sent.into_iter().collect::<Result<Vec<_>, _>>().expect("send")
+}
+
+/// Polls until `want` says enough, or fails after the deadline.
+async fn poll_until(c: &mut KafkaConsumer, got: &mut Vec<Record>, what: &str, want: impl Fn(&[Record], &KafkaConsumer) -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !want(got, c) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached within {DEADLINE:?}; got {} records, assignment {:?}",
+            got.len(),
+            c.assignment()
+        );
+        got.extend(c.poll(500, Duration::from_millis(200)).await.expect("poll"));
+    }
+}
+
+fn offsets_of(records: &[Record], tp: &TopicPartition) -> Vec<i64> {
+    records.iter().filter(|r| &r.position.tp == tp).map(|r| r.position.offset).collect()
+}
+
+fn header_seq(r: &Record) -> usize {
+    r.headers.get_str("seq").and_then(|s| s.parse().ok()).expect("seq header")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_keyed_records_come_back_exactly_with_headers_in_partition_order() {
+    let config = broker();
+    let t = topic(&config, "roundtrip", 3).await;
+    ensure_topics(&config, &[(&t, 3)]).await.expect("creating an existing topic is fine");
+    let producer = KafkaProducer::new(&config).unwrap();
+
+    let outgoing: Vec<OutgoingRecord> = (0..1000)
+        .map(|i| {
+            let mut headers = Headers::new();
+            headers.insert("seq", i.to_string());
+            headers.push_raw("absent".into(), None);
+            headers.insert("dup", "first");
+            headers.insert("dup", vec![0u8, 255, 7]);
+            headers.insert("empty", Vec::new());
+            let mut payload = format!("payload-{i}").into_bytes();
+            payload.extend([0u8, 255, 0]);
+            OutgoingRecord {
+                topic: t.clone(),
+                partition: None,
+                key: Some(format!("key-{}", i % 17).into_bytes()),
+                payload,
+                headers,
+                event_time_ms: Some(1_700_000_000_000 + i as i64),
+            }
+        })
+        .collect();
+    let positions = send_all(&producer, &outgoing).await;
+
+    // The idempotent producer keeps send order within each partition.
+    let mut last: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+    for p in &positions {
+        if let Some(prev) = last.insert(p.tp.clone(), p.offset) {
+            assert!(p.offset > prev, "{} sent out of order: {} after {prev}", p.tp, p.offset);
+        }
+    }
+    // One key, one partition.
+    let mut key_partition: BTreeMap<&[u8], i32> = BTreeMap::new();
+    for (o, p) in outgoing.iter().zip(&positions) {
+        let first = *key_partition.entry(o.key.as_deref().unwrap()).or_insert(p.tp.partition);
+        assert_eq!(first, p.tp.partition, "records of one key went to two partitions");
+    }
+
+    let mut consumer = KafkaConsumer::new(&config, &unique("roundtrip-group"), &[&t]).unwrap();
+    let mut got = Vec::new();
+    poll_until(&mut consumer, &mut got, "consume 1000", |g, _| g.len() >= 1000).await;
+    assert_eq!(got.len(), 1000, "more records than produced");
+
+    let mut seen = BTreeSet::new();
+    for r in &got {
+        let i = header_seq(r);
+        assert!(seen.insert(i), "record {i} delivered twice");
+        let o = &outgoing[i];
+        let expected = Record {
+            position: positions[i].clone(),
+            key: o.key.clone(),
+            payload: o.payload.clone(),
+            headers: o.headers.clone(),
+            event_time_ms: o.event_time_ms.unwrap(),
+        };
+        assert_eq!(r, &expected);
+    }
+    assert_eq!(consumer.assignment().len(), 3);
+    for tp in consumer.assignment() {
+        let offs = offsets_of(&got, &tp);
+        assert!(offs.windows(2).all(|w| w[1] > w[0]), "{tp} delivered out of order");
+        let seqs: Vec<usize> = got.iter().filter(|r| r.position.tp == tp).map(header_seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{tp}: send order lost");
+    }
+    // The absent header value and the repeated key survive as such.
+    let r = &got[0];
+    let all: Vec<(&str, Option<&[u8]>)> = r.headers.iter().collect();
+    assert_eq!(all[1], ("absent", None));
+    assert_eq!(all[2..4], [("dup", Some(&b"first"[..])), ("dup", Some(&[0u8, 255, 7][..]))]);
+    assert_eq!(all[4], ("empty", Some(&b""[..])));
+    consumer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_consumer_in_the_group_resumes_exactly_after_the_committed_offsets() {
+    let config = broker();
+    let t = topic(&config, "resume", 2).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    let records: Vec<_> = (0..30).map(|i| rec(&t, Some(i % 2), &format!("k{i}"), &format!("v{i}"))).collect();
+    send_all(&producer, &records).await;
+    let (p0, p1) = (TopicPartition::new(t.as_str(), 0), TopicPartition::new(t.as_str(), 1));
+    let group = unique("resume-group");
+
+    let mut first = KafkaConsumer::new(&config, &group, &[&t]).unwrap();
+    let mut got = Vec::new();
+    poll_until(&mut first, &mut got, "first consumer reads all", |g, _| g.len() >= 30).await;
+    let positions = first.positions();
+    assert_eq!((positions[&p0].next, positions[&p1].next), (15, 15));
+    let commit = BTreeMap::from([(p0.clone(), 5), (p1.clone(), 10)]);
+    first.commit(&commit).await.unwrap();
+    assert_eq!(first.committed(&[p0.clone(), p1.clone()]).await.unwrap(), commit);
+    // A partition this consumer does not own is ignored, not committed.
+    let foreign = TopicPartition::new(t.as_str(), 7);
+    first.commit(&BTreeMap::from([(foreign.clone(), 3)])).await.unwrap();
+    assert!(first.committed(&[foreign]).await.unwrap().is_empty());
+    tokio::time::timeout(DEADLINE, first.close()).await.expect("close timed out");
+
+    let mut second = KafkaConsumer::new(&config, &group, &[&t]).unwrap();
+    let mut resumed = Vec::new();
+    poll_until(&mut second, &mut resumed, "second consumer reads the rest", |g, _| g.len() >= 15).await;
+    assert_eq!(offsets_of(&resumed, &p0), (5..15).collect::<Vec<_>>());
+    assert_eq!(offsets_of(&resumed, &p1), (10..15).collect::<Vec<_>>());
+    assert_eq!(resumed.len(), 15);
+    assert_eq!(second.committed(&[p0, p1]).await.unwrap(), commit, "reading does not commit");
+    second.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_partition_delivers_nothing_until_resumed() {
+    let config = broker();
+    let t = topic(&config, "pause", 2).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    let batch =
+        |from: usize| -> Vec<OutgoingRecord> { (from..from + 20).map(|i| rec(&t, Some((i % 2) as i32), "k", &format!("v{i}"))).collect() };
+    send_all(&producer, &batch(0)).await;
+    let (p0, p1) = (TopicPartition::new(t.as_str(), 0), TopicPartition::new(t.as_str(), 1));
+
+    let mut c = KafkaConsumer::new(&config, &unique("pause-group"), &[&t]).unwrap();
+    // Take records one at a time until p0 has given one: the rest of p0 is
+    // then typically fetched already and waiting inside librdkafka.
+    let mut before = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while offsets_of(&before, &p0).is_empty() {
+        assert!(Instant::now() < deadline, "no record from {p0} within {DEADLINE:?}");
+        before.extend(c.poll(1, Duration::from_millis(200)).await.unwrap());
+    }
+    c.pause(std::slice::from_ref(&p0)).unwrap();
+    let p0_before = offsets_of(&before, &p0);
+    assert_eq!(c.positions()[&p0].next, p0_before.len() as i64);
+
+    let mut while_paused = Vec::new();
+    poll_until(&mut c, &mut while_paused, "p1 keeps flowing", |g, _| offsets_of(&before, &p1).len() + offsets_of(g, &p1).len() >= 10).await;
+    send_all(&producer, &batch(20)).await;
+    poll_until(&mut c, &mut while_paused, "p1 keeps flowing after more records", |g, _| {
+        offsets_of(&before, &p1).len() + offsets_of(g, &p1).len() >= 20
+    })
+    .await;
+    // A few more polls: nothing from p0 may slip through.
+    for _ in 0..5 {
+        while_paused.extend(c.poll(500, Duration::from_millis(200)).await.unwrap());
+    }
+    assert_eq!(offsets_of(&while_paused, &p0), Vec::<i64>::new(), "records from a paused partition");
+    let p1_all: Vec<i64> = offsets_of(&before, &p1).into_iter().chain(offsets_of(&while_paused, &p1)).collect();
+    assert_eq!(p1_all, (0..20).collect::<Vec<_>>());
+    assert_eq!(c.positions()[&p0].next, p0_before.len() as i64);
+
+    c.resume(std::slice::from_ref(&p0)).unwrap();
+    let mut after = Vec::new();
+    poll_until(&mut c, &mut after, "p0 after resume", |g, _| p0_before.len() + offsets_of(g, &p0).len() >= 20).await;
+    let p0_all: Vec<i64> = p0_before.iter().copied().chain(offsets_of(&after, &p0)).collect();
+    assert_eq!(p0_all, (0..20).collect::<Vec<_>>(), "resume restarts exactly where the partition stopped");
+    assert_eq!(offsets_of(&after, &p1), Vec::<i64>::new());
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_report_the_next_offset_and_the_log_end_and_lag_follows_commits() {
+    let config = broker();
+    let t = topic(&config, "positions", 1).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    // Two sends, so the log holds two batches: the end must be past the last one.
+    let records: Vec<_> = (0..20).map(|i| rec(&t, None, "k", &format!("v{i}"))).collect();
+    send_all(&producer, &records[..10]).await;
+    send_all(&producer, &records[10..]).await;
+    let tp = TopicPartition::new(t.as_str(), 0);
+
+    let mut c = KafkaConsumer::new(&config, &unique("positions-group"), &[&t]).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while got.len() < 5 {
+        assert!(Instant::now() < deadline, "no records within {DEADLINE:?}");
+        got.extend(c.poll(5 - got.len(), Duration::from_millis(200)).await.unwrap());
+    }
+    assert_eq!(offsets_of(&got, &tp), (0..5).collect::<Vec<_>>());
+    // Hold the partition still, and keep polling so that statistics arrive.
+    c.pause(std::slice::from_ref(&tp)).unwrap();
+    let mut more = Vec::new();
+    poll_until(&mut c, &mut more, "statistics with the log end", |_, c| c.positions()[&tp].end.is_some()).await;
+    assert!(more.is_empty());
+    let p = c.positions()[&tp];
+    assert_eq!((p.next, p.end), (5, Some(20)));
+    assert!(c.lag().is_empty(), "no lag before the group commits: {:?}", c.lag());
+
+    c.commit(&BTreeMap::from([(tp.clone(), 5)])).await.unwrap();
+    poll_until(&mut c, &mut more, "lag after the commit", |_, c| c.lag().contains_key(&tp)).await;
+    assert_eq!(c.lag()[&tp], 15);
+    c.close().await;
+}
+
+type Calls = Arc<Mutex<Vec<Vec<TopicPartition>>>>;
+
+/// A revoke handler that records its calls and asks to commit `base + partition`.
+fn recording_handler(base: i64) -> (RevokeHandler, Calls) {
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    let handler: RevokeHandler = Arc::new(move |tps: &[TopicPartition]| {
+        seen.lock().unwrap().push(tps.to_vec());
+        tps.iter().map(|tp| (tp.clone(), base + i64::from(tp.partition))).collect()
+    });
+    (handler, calls)
+}
+
+fn revoked(calls: &Calls) -> BTreeSet<TopicPartition> {
+    calls.lock().unwrap().iter().flatten().cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_split_partitions_and_revoked_offsets_are_committed_before_hand_over() {
+    let config = broker();
+    let t = topic(&config, "rebalance", 4).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    let records: Vec<_> = (0..40).map(|i| rec(&t, Some(i % 4), "k", &format!("v{i}"))).collect();
+    send_all(&producer, &records).await;
+    let all: BTreeSet<TopicPartition> = (0..4).map(|p| TopicPartition::new(t.as_str(), p)).collect();
+    let group = unique("rebalance-group");
+
+    let mut c1 = KafkaConsumer::new(&config, &group, &[&t]).unwrap();
+    let (h1, calls1) = recording_handler(1);
+    c1.set_revoke_handler(h1);
+    let mut got1 = Vec::new();
+    poll_until(&mut c1, &mut got1, "c1 owns every partition", |_, c| c.assignment().len() == 4).await;
+
+    let mut c2 = KafkaConsumer::new(&config, &group, &[&t]).unwrap();
+    let (h2, calls2) = recording_handler(5);
+    c2.set_revoke_handler(h2);
+    let mut got2 = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (a1, a2): (BTreeSet<_>, BTreeSet<_>) = (c1.assignment().into_iter().collect(), c2.assignment().into_iter().collect());
+        if !a1.is_empty() && !a2.is_empty() && a1.is_disjoint(&a2) && a1.len() + a2.len() == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the group did not split: c1 {a1:?}, c2 {a2:?}");
+        let (r1, r2) = tokio::join!(c1.poll(500, Duration::from_millis(100)), c2.poll(500, Duration::from_millis(100)));
+        got1.extend(r1.unwrap());
+        got2.extend(r2.unwrap());
+    }
+    let owned2: BTreeSet<TopicPartition> = c2.assignment().into_iter().collect();
+    let owned1: BTreeSet<TopicPartition> = c1.assignment().into_iter().collect();
+    assert_eq!(owned1.union(&owned2).cloned().collect::<BTreeSet<_>>(), all);
+    assert!(revoked(&calls1).is_superset(&owned2), "c1's handler was not asked about {owned2:?}: {:?}", calls1.lock().unwrap());
+    // What c1's handler returned was committed before c2 started reading.
+    let expected2: BTreeMap<TopicPartition, i64> = owned2.iter().map(|tp| (tp.clone(), 1 + i64::from(tp.partition))).collect();
+    assert_eq!(c2.committed(&owned2.iter().cloned().collect::<Vec<_>>()).await.unwrap(), expected2);
+    poll_until(&mut c2, &mut got2, "c2 reads its partitions", |g, _| {
+        owned2.iter().all(|tp| offsets_of(g, tp).len() as i64 == 10 - (1 + i64::from(tp.partition)))
+    })
+    .await;
+    for tp in &owned2 {
+        assert_eq!(offsets_of(&got2, tp), (1 + i64::from(tp.partition)..10).collect::<Vec<_>>(), "{tp} did not start at the revoke commit");
+    }
+    assert!(calls2.lock().unwrap().is_empty());
+
+    // c2 leaves: its handler runs for all it owns, and c1 takes everything back.
+    let closing = tokio::spawn(c2.close());
+    let mut back = Vec::new();
+    poll_until(&mut c1, &mut back, "c1 owns every partition again", |_, c| c.assignment().len() == 4).await;
+    tokio::time::timeout(DEADLINE, closing).await.expect("close timed out").unwrap();
+    assert_eq!(revoked(&calls2), owned2, "c2's handler: {:?}", calls2.lock().unwrap());
+    let expected: BTreeMap<TopicPartition, i64> = owned2.iter().map(|tp| (tp.clone(), 5 + i64::from(tp.partition))).collect();
+    assert_eq!(c1.committed(&owned2.iter().cloned().collect::<Vec<_>>()).await.unwrap(), expected);
+    poll_until(&mut c1, &mut back, "c1 reads the handed-back partitions", |g, _| {
+        owned2.iter().all(|tp| offsets_of(g, tp).len() as i64 == 10 - (5 + i64::from(tp.partition)))
+    })
+    .await;
+    for tp in &owned2 {
+        assert_eq!(
+            offsets_of(&back, tp),
+            (5 + i64::from(tp.partition)..10).collect::<Vec<_>>(),
+            "{tp} did not resume at c2's revoke commit"
+        );
+    }
+    c1.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_partition_is_honoured() {
+    let config = broker();
+    let t = topic(&config, "explicit", 3).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    let records: Vec<_> = (0..9).map(|i| rec(&t, Some(2), &format!("key-{i}"), &format!("v{i}"))).collect();
+    let positions = send_all(&producer, &records).await;
+    let tp2 = TopicPartition::new(t.as_str(), 2);
+    assert!(positions.iter().all(|p| p.tp == tp2), "{positions:?}");
+    assert_eq!(positions.iter().map(|p| p.offset).collect::<Vec<_>>(), (0..9).collect::<Vec<_>>());
+
+    let mut c = KafkaConsumer::new(&config, &unique("explicit-group"), &[&t]).unwrap();
+    let mut got = Vec::new();
+    poll_until(&mut c, &mut got, "9 records", |g, _| g.len() >= 9).await;
+    assert_eq!(offsets_of(&got, &tp2), (0..9).collect::<Vec<_>>());
+    assert_eq!(got.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(), records.iter().map(|r| r.payload.clone()).collect::<Vec<_>>());
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producing_to_a_partition_that_does_not_exist_is_fatal() {
+    let config = broker();
+    let t = topic(&config, "nopartition", 1).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    let err = tokio::time::timeout(DEADLINE, producer.send(rec(&t, Some(5), "k", "v"))).await.expect("send timed out").unwrap_err();
+    assert!(matches!(err, LogError::Fatal(_)), "{err:?}");
+    assert!(err.to_string().contains(&t), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_larger_than_the_broker_accepts_is_rejected_for_the_dead_letter_topic() {
+    let config = broker();
+    let t = topic(&config, "oversized", 1).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    let big = OutgoingRecord { topic: t.clone(), payload: vec![7u8; 2 << 20], ..Default::default() };
+    let err = tokio::time::timeout(DEADLINE, producer.send(big)).await.expect("send timed out").unwrap_err();
+    assert!(matches!(err, LogError::Rejected(_)), "{err:?}");
+    // The producer stays usable.
+    let ok = send_all(&producer, &[rec(&t, None, "k", "small")]).await;
+    assert_eq!(ok[0].offset, 0);
+}
+
+#[tokio::test]
+async fn configuration_owned_by_hartonomous_is_refused_with_the_reason() {
+    // No broker needed: nothing connects before the check.
+    let mut config = KafkaConfig::new("127.0.0.1:1");
+    config.properties.insert("enable.auto.commit".into(), "true".into());
+    let e = config.check().unwrap_err();
+    assert!(e.contains("enable.auto.commit") && e.contains("acknowledged"), "{e}");
+    let Err(LogError::Fatal(m)) = KafkaConsumer::new(&config, "g", &["t"]) else { panic!("consumer accepted enable.auto.commit") };
+    assert!(m.contains("enable.auto.commit"), "{m}");
+    let Err(LogError::Fatal(m)) = KafkaProducer::new(&config) else { panic!("producer accepted enable.auto.commit") };
+    assert!(m.contains("enable.auto.commit"), "{m}");
+
+    let mut config = KafkaConfig::new("127.0.0.1:1");
+    config.properties_env.insert("sasl.password".into(), "HARTONOMOUS_KAFKA_TEST_NO_SUCH_VARIABLE".into());
+    let Err(LogError::Fatal(m)) = KafkaProducer::new(&config) else { panic!("missing secret variable accepted") };
+    assert!(m.contains("HARTONOMOUS_KAFKA_TEST_NO_SUCH_VARIABLE"), "{m}");
+}
