@@ -75,7 +75,7 @@ use hartonomous::app::{Embedded, Summary};
 use hartonomous::atom::{AtomIngestionRequest, AtomRow, ContentHash};
 use hartonomous::avro::{self, FileRegistry, SchemaRegistry, Schemas};
 use hartonomous::clock;
-use hartonomous::config::{EmbedderProfile, HashingProfile, LogProfile, Profile, RegistryProfile, StoreProfile};
+use hartonomous::config::{EMBEDDED_PROFILE, EmbedderProfile, Profile};
 use hartonomous::embed::Embedder;
 use hartonomous::embed::hashing::HashingEmbedder;
 use hartonomous::log::LogConsumer;
@@ -358,14 +358,20 @@ fn per_record(c: &mut Criterion) {
 // Group `embedded_topology`
 // ---------------------------------------------------------------------------
 
+/// The built-in embedded profile (`connectors/embedded.toml`), as users run
+/// it, with its data directory and embedder pinned through the documented
+/// environment overrides (passed explicitly: the process environment is not read).
 fn profile(data_dir: &Path) -> Profile {
-    Profile {
-        data_dir: data_dir.to_path_buf(),
-        log: LogProfile::Embedded(Default::default()),
-        store: StoreProfile::Embedded(Default::default()),
-        registry: RegistryProfile::default(),
-        embedder: EmbedderProfile::Hashing(HashingProfile { dimension: DIMENSION, max_batch: 256 }),
-    }
+    let env = [
+        ("HARTONOMOUS_DATA_DIR".to_string(), format!("{:?}", data_dir.display().to_string())),
+        ("HARTONOMOUS__EMBEDDER__KIND".to_string(), "\"hashing\"".to_string()),
+        ("HARTONOMOUS__EMBEDDER__DIMENSION".to_string(), DIMENSION.to_string()),
+        ("HARTONOMOUS__EMBEDDER__MAX_BATCH".to_string(), "256".to_string()),
+    ];
+    let profile = Profile::parse(Path::new("connectors/embedded.toml (built in)"), EMBEDDED_PROFILE, env.into_iter()).expect("embedded profile");
+    assert_eq!(profile.data_dir(), data_dir);
+    assert!(matches!(&profile.embedder, EmbedderProfile::Hashing(h) if h.dimension == DIMENSION), "{:?}", profile.embedder);
+    profile
 }
 
 /// One topology run's input: a fresh embedded default in its own directory.

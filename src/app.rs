@@ -104,13 +104,8 @@ pub async fn open_store(profile: &Profile) -> anyhow::Result<Arc<dyn AtomStore>>
             std::fs::create_dir_all(profile.data_dir())?;
             Arc::new(EmbeddedStore::open(profile.data_dir())?)
         }
-        StoreProfile::Clickhouse(c) => {
-            let store = ClickHouseStore::connect(c.clone()).await?;
-            if c.migrate_on_start {
-                store.migrate().await?;
-            }
-            Arc::new(store)
-        }
+        // `connect` applies the DDL itself when `migrate_on_start` is set.
+        StoreProfile::Clickhouse(c) => Arc::new(ClickHouseStore::connect(c.clone()).await?),
     })
 }
 

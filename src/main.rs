@@ -68,7 +68,9 @@ enum Command {
     Query { sql: String },
     /// Apply the ClickHouse DDL in schemas/clickhouse/ (idempotent).
     Migrate,
-    /// List the schemas in the profile's registry file with their ids.
+    /// Register the bundled schemas of every bundled topology's source topic in the
+    /// profile's registry file (a no-op when present) and list them with their ids,
+    /// for producers written in other languages.
     Schemas,
     /// Check or draw a topology declaration.
     Topology {
@@ -176,7 +178,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     if let Some(parent) = path.parent() {
                         std::fs::create_dir_all(parent)?;
                     }
-                    std::sync::Arc::new(FileRegistry::open(&path)?)
+                    let registry = FileRegistry::open(&path)?;
+                    // Every bundled version first, in order, so ids match what `run` and `schemas` assign.
+                    registry.register_bundled(&[(topic.as_str(), name.as_str())])?;
+                    std::sync::Arc::new(registry)
                 }
             };
             let id = registry.register(&Schemas::subject(&topic), &version.schema).await?;
@@ -212,7 +217,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let profile = Profile::load(cli.connectors.as_deref())?;
             match &profile.store {
                 StoreProfile::Clickhouse(c) => {
-                    let store = ClickHouseStore::connect(c.clone()).await?;
+                    let store = ClickHouseStore::connect(hartonomous::store::clickhouse::ClickHouseConfig { migrate_on_start: false, ..c.clone() }).await?;
                     let applied = store.migrate().await?;
                     println!("{} migration(s) applied to {}{}", applied.len(), c.database, if applied.is_empty() { " (already up to date)" } else { "" });
                     for f in applied {
@@ -225,7 +230,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Schemas => {
             let profile = Profile::load(cli.connectors.as_deref())?;
             let path = profile.registry_path().ok_or_else(|| anyhow::anyhow!("the profile's registry is not a file registry"))?;
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
             let registry = FileRegistry::open(&path)?;
+            for (name, _) in topology::BUNDLED {
+                let spec = topology::bundled(name)?;
+                registry.register_bundled(&[(spec.source.topic.as_str(), spec.source.schema.as_str())])?;
+            }
+            println!("  id  subject  version  schema (canonical form) -- registry file {}", path.display());
             for s in registry.list() {
                 println!("{:>4}  {}  v{}  {}", s.id, s.subject, s.version, s.schema.canonical_form());
             }

@@ -152,3 +152,23 @@ fn a_bad_profile_is_refused_before_anything_runs() {
     assert!(err.contains("p.toml") && err.contains("embedder.dimension") && err.contains("384"), "{err}");
     assert!(!dir.path().join("tables").exists(), "nothing ran");
 }
+
+#[test]
+fn bundled_profiles_parse_and_check() {
+    for name in ["embedded.toml", "kafka-clickhouse.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors").join(name);
+        let profile = hartonomous::config::Profile::load(Some(&path));
+        assert!(profile.is_ok(), "{name}: {:?}", profile.err());
+    }
+}
+
+#[test]
+fn schemas_lists_stable_ids_for_other_producers() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ok(hartonomous(dir.path(), &["schemas"]));
+    let second = ok(hartonomous(dir.path(), &["schemas"]));
+    assert_eq!(first, second, "ids are stable across runs");
+    let ids: Vec<&str> = first.lines().filter(|l| l.contains("atoms.ingest-value")).map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(ids, vec!["1", "2"], "{first}");
+    assert!(first.contains("created_at_ms"), "version 2 adds created_at_ms: {first}");
+}
