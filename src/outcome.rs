@@ -75,3 +75,20 @@ impl Fatal {
         Self { stage: stage.into(), message: message.into() }
     }
 }
+
+/// An error with its chain of sources, `a: b: c`, skipping a source whose
+/// text its parent already contains. Client libraries (reqwest, hyper,
+/// clickhouse) often hide the cause, which is what an operator needs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

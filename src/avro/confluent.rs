@@ -74,6 +74,7 @@
 //! The password is read from the environment once, at construction; it is
 //! never logged and [`ConfluentRegistry`]'s `Debug` output omits it.
 
+use crate::outcome::error_chain;
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::path::PathBuf;
@@ -570,20 +571,6 @@ fn check_subject(subject: &str) -> Result<(), RegistryError> {
         )));
     }
     Ok(())
-}
-
-fn error_chain(e: &dyn StdError) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

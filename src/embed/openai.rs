@@ -11,6 +11,7 @@
 //! this embedder's service. What is retried and what is final is decided in
 //! one place, [`classify`].
 
+use crate::outcome::error_chain;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -477,21 +478,6 @@ fn body_excerpt(body: &[u8]) -> String {
         (false, true) => format!("{text}…"),
         (false, false) => text.to_string(),
     }
-}
-
-/// An error with its sources, `a: b: c`; reqwest's own message hides the cause.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
 }
 
 #[cfg(test)]

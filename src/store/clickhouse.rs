@@ -31,6 +31,7 @@
 //! ClickHouse server error codes become [`StoreError`]s: retryable
 //! (`Unavailable`), bad row (`RowRejected`) or fatal. See its docs for the table.
 
+use crate::outcome::error_chain;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
@@ -469,22 +470,6 @@ pub fn classify_server_message(context: &str, body: &str) -> StoreError {
             }
         }
     }
-}
-
-/// An error and its sources, `: `-separated (hyper hides the useful part,
-/// e.g. "Connection refused", in the source chain).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {
