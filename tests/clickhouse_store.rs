@@ -13,6 +13,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use hartonomous::atom::{AtomRow, ContentHash};
+use hartonomous::outcome::error_chain;
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore, MIGRATIONS, ServerVersion};
 use hartonomous::store::{AtomStore, DeadLetterRow, InsertReport, StoreError};
 use serde::Deserialize;
@@ -40,8 +41,9 @@ impl TestDb {
             Ok(Ok(1)) => {}
             Ok(Ok(other)) => panic!("ClickHouse at {url} answered SELECT 1 with {other}"),
             Ok(Err(e)) => panic!(
-                "ClickHouse is not reachable at {url}: {e}. These tests need a running server: \
-                 start one with `tests/services.sh up`, or point HARTONOMOUS_TEST_CLICKHOUSE at its HTTP URL"
+                "ClickHouse is not reachable at {url}: {}. These tests need a running server: \
+                 start one with `tests/services.sh up`, or point HARTONOMOUS_TEST_CLICKHOUSE at its HTTP URL",
+                error_chain(&e)
             ),
             Err(_) => panic!(
                 "ClickHouse at {url} did not answer SELECT 1 within 10 s. Start one with \
@@ -154,10 +156,7 @@ async fn migrate_creates_the_tables_and_is_idempotent() {
     let db = TestDb::new().await;
     let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
     // connect created the database, and nothing else.
-    assert_eq!(
-        store.query_scalar_u64(&format!("SELECT count() FROM system.databases WHERE name = '{}'", db.name)).await.unwrap(),
-        1
-    );
+    assert_eq!(store.query_scalar_u64(&format!("SELECT count() FROM system.databases WHERE name = '{}'", db.name)).await.unwrap(), 1);
     assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase()").await.unwrap(), 0);
 
     let applied = store.migrate().await.unwrap();
@@ -220,10 +219,7 @@ async fn inserting_the_same_atoms_again_keeps_one_row_each() {
     mixed.push(repeat);
     assert_eq!(store.insert_atoms(&mixed).await.unwrap(), InsertReport { inserted: 10, already_present: 51 });
     assert_eq!(store.count_atoms_final().await.unwrap(), 110);
-    assert_eq!(
-        store.query_scalar_u64("SELECT count() FROM atoms WHERE trace_id = 'second-occurrence'").await.unwrap(),
-        0
-    );
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms WHERE trace_id = 'second-occurrence'").await.unwrap(), 0);
     assert_eq!(store.insert_atoms(&[]).await.unwrap(), InsertReport::default());
 }
 
@@ -316,9 +312,7 @@ async fn a_replay_that_bypasses_the_check_still_counts_each_atom_once() {
     // Per hour: the first hour saw all 20 (the exact copies changed nothing),
     // the later hour the 5 re-ingested ones: the replays did reach the view.
     let hour0 = (T0_MS / 1000 / 3600) * 3600;
-    let per_hour = |hour: i64| {
-        format!("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour WHERE hour = toDateTime({hour}, 'UTC')")
-    };
+    let per_hour = |hour: i64| format!("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour WHERE hour = toDateTime({hour}, 'UTC')");
     assert_eq!(store.query_scalar_u64(&per_hour(hour0)).await.unwrap(), 20);
     assert_eq!(store.query_scalar_u64(&per_hour(hour0 + 7200)).await.unwrap(), 5);
 
@@ -489,8 +483,7 @@ async fn embeddings_binary_content_and_times_round_trip() {
     rows[1].event_time_ms = T0_MS + 999;
     store.insert_atoms(&rows).await.unwrap();
 
-    let stored: Vec<StoredAtom> =
-        db.raw.query("SELECT ?fields FROM atoms FINAL ORDER BY source_offset").fetch_all().await.unwrap();
+    let stored: Vec<StoredAtom> = db.raw.query("SELECT ?fields FROM atoms FINAL ORDER BY source_offset").fetch_all().await.unwrap();
     assert_eq!(stored.len(), 3);
     for (got, want) in stored.iter().zip(&rows) {
         assert_eq!(got.content_hash, want.content_hash.to_hex());
@@ -549,13 +542,14 @@ async fn dedup_token_support_is_detected_from_the_server() {
     let db = TestDb::new().await;
     let store = db.store().await;
     let caps = store.capabilities().clone();
-    println!("server {} ({}), dedup tokens: {}", caps.version_string, caps.version, caps.supports_dedup_token);
-    let has_setting = store
-        .query_scalar_u64("SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'")
-        .await
-        .unwrap();
+    println!(
+        "server {} ({}), dedup tokens: {}, async_insert setting: {}",
+        caps.version_string, caps.version, caps.supports_dedup_token, caps.has_async_insert
+    );
+    let has_setting =
+        store.query_scalar_u64("SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'").await.unwrap();
     if caps.version < (ServerVersion { major: 21, minor: 0 }) {
-        assert!(!caps.supports_dedup_token, "{caps:?}");
+        assert!(!caps.supports_dedup_token && !caps.has_async_insert, "{caps:?}");
         assert_eq!(has_setting, 0);
     }
     if caps.supports_dedup_token {

@@ -23,7 +23,9 @@
 //! that have `insert_deduplication_token` (and `non_replicated_deduplication_window`,
 //! both detected at connect time, absent on 18.16) each chunk also carries a
 //! deterministic token derived from its rows' positions and hashes, so a
-//! retried chunk is dropped by the server.
+//! retried chunk is dropped by the server. Where the server has
+//! `async_insert` (on by default since 26.2) the store's already-batched
+//! inserts turn it off, so an insert returns once its rows are in a part.
 //!
 //! # Errors
 //!
@@ -178,8 +180,7 @@ impl ClickHouseConfig {
         if self.url.trim().is_empty() {
             return Err(format!("url is empty; {example}"));
         }
-        let url = reqwest::Url::parse(&self.url)
-            .map_err(|e| format!("url `{}` is not a valid URL ({e}); {example}", self.url))?;
+        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url `{}` is not a valid URL ({e}); {example}", self.url))?;
         match url.scheme() {
             "http" => {}
             "https" => {
@@ -198,10 +199,7 @@ impl ClickHouseConfig {
             return Err("url contains credentials; remove them and set `user` and `password_env` instead".into());
         }
         if url.query().is_some() || url.fragment().is_some() {
-            return Err(format!(
-                "url `{}` has a query or fragment; remove it (set the database with `database`)",
-                self.url
-            ));
+            return Err(format!("url `{}` has a query or fragment; remove it (set the database with `database`)", self.url));
         }
         if !is_plain_identifier(&self.database) {
             return Err(format!(
@@ -219,10 +217,7 @@ impl ClickHouseConfig {
             return Err("max_rows_per_insert is 0; use at least 1 (10000 is typical)".into());
         }
         if self.max_bytes_per_insert < 1024 {
-            return Err(format!(
-                "max_bytes_per_insert is {}; use at least 1024 (16777216 = 16 MiB is typical)",
-                self.max_bytes_per_insert
-            ));
+            return Err(format!("max_bytes_per_insert is {}; use at least 1024 (16777216 = 16 MiB is typical)", self.max_bytes_per_insert));
         }
         if self.request_timeout_ms == 0 {
             return Err("request_timeout_ms is 0; give each request at least 1 ms (30000 is typical)".into());
@@ -240,17 +235,16 @@ impl ClickHouseConfig {
                 "clickhouse password_env names `{var}`, but that environment variable is not set; \
                  set it, or remove password_env"
             ))),
-            Err(std::env::VarError::NotUnicode(_)) => Err(StoreError::Fatal(format!(
-                "clickhouse password_env: environment variable `{var}` is not valid UTF-8"
-            ))),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(StoreError::Fatal(format!("clickhouse password_env: environment variable `{var}` is not valid UTF-8")))
+            }
         }
     }
 }
 
 fn is_plain_identifier(s: &str) -> bool {
     let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 // ---------------------------------------------------------------------------
@@ -292,6 +286,11 @@ pub struct Capabilities {
     /// `non_replicated_deduplication_window` table setting (21.x on), read
     /// from `system.settings` and `system.merge_tree_settings`. False on 18.16.
     pub supports_dedup_token: bool,
+    /// The server has the `async_insert` setting (21.11 on; on by default
+    /// since 26.2). The store's inserts are already batched, so it turns
+    /// asynchronous inserts off for them where the setting exists: an insert
+    /// returns once its rows are in a part, and tokens apply per insert.
+    pub has_async_insert: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -412,9 +411,7 @@ pub fn classify(context: &str, error: &clickhouse::error::Error) -> StoreError {
     let message = format!("{context}: {}", error_chain(error));
     match error {
         E::BadResponse(body) => classify_server_message(context, body),
-        E::Network(_) | E::TimedOut | E::Compression(_) | E::Decompression(_) | E::Other(_) => {
-            StoreError::Unavailable(message)
-        }
+        E::Network(_) | E::TimedOut | E::Compression(_) | E::Decompression(_) | E::Other(_) => StoreError::Unavailable(message),
         E::InvalidParams(_) | E::Unsupported(_) => StoreError::Fatal(message),
         E::RowNotFound
         | E::SequenceMustHaveLength
@@ -480,11 +477,7 @@ fn truncate(s: &str, max_chars: usize) -> String {
 }
 
 /// Runs one request with the store's deadline.
-async fn timed<T>(
-    timeout: Duration,
-    context: &str,
-    request: impl Future<Output = clickhouse::error::Result<T>>,
-) -> Result<T, StoreError> {
+async fn timed<T>(timeout: Duration, context: &str, request: impl Future<Output = clickhouse::error::Result<T>>) -> Result<T, StoreError> {
     match tokio::time::timeout(timeout, request).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(classify(context, &e)),
@@ -692,12 +685,7 @@ pub fn atoms_dedup_token(rows: &[&AtomRow]) -> String {
 /// The deduplication token of one chunk of dead letters: from their source
 /// positions (a dead letter's identity).
 pub fn dead_letters_dedup_token(rows: &[&DeadLetterRow]) -> String {
-    dedup_token(
-        "hartonomous-dead-letters",
-        rows,
-        |r| (r.source_topic.as_str(), r.source_partition, r.source_offset),
-        |_, _| {},
-    )
+    dedup_token("hartonomous-dead-letters", rows, |r| (r.source_topic.as_str(), r.source_partition, r.source_offset), |_, _| {})
 }
 
 // ---------------------------------------------------------------------------
@@ -842,28 +830,17 @@ impl ClickHouseStore {
         let at = format!("ClickHouse at {}", config.url);
 
         let version_string: String =
-            timed(timeout, &format!("SELECT version() on {at}"), server.query("SELECT version()").fetch_one::<String>())
-                .await?;
-        let version = ServerVersion::parse(&version_string).ok_or_else(|| {
-            StoreError::Fatal(format!("{at} reported version `{version_string}`, which is not major.minor[...]"))
-        })?;
-        let has_token = count(
-            timeout,
-            &server,
-            "SELECT count() FROM system.settings WHERE name = ?",
-            "insert_deduplication_token",
-        )
-        .await?
-            > 0;
-        let has_window = count(
-            timeout,
-            &server,
-            "SELECT count() FROM system.merge_tree_settings WHERE name = ?",
-            "non_replicated_deduplication_window",
-        )
-        .await?
-            > 0;
-        let capabilities = Capabilities { version_string, version, supports_dedup_token: has_token && has_window };
+            timed(timeout, &format!("SELECT version() on {at}"), server.query("SELECT version()").fetch_one::<String>()).await?;
+        let version = ServerVersion::parse(&version_string)
+            .ok_or_else(|| StoreError::Fatal(format!("{at} reported version `{version_string}`, which is not major.minor[...]")))?;
+        let has_token =
+            count(timeout, &server, "SELECT count() FROM system.settings WHERE name = ?", "insert_deduplication_token").await? > 0;
+        let has_window =
+            count(timeout, &server, "SELECT count() FROM system.merge_tree_settings WHERE name = ?", "non_replicated_deduplication_window")
+                .await?
+                > 0;
+        let has_async_insert = count(timeout, &server, "SELECT count() FROM system.settings WHERE name = ?", "async_insert").await? > 0;
+        let capabilities = Capabilities { version_string, version, supports_dedup_token: has_token && has_window, has_async_insert };
 
         let database = config.database.as_str();
         let exists = count(timeout, &server, "SELECT count() FROM system.databases WHERE name = ?", database).await? > 0;
@@ -878,14 +855,7 @@ impl ClickHouseStore {
         }
 
         let client = server.with_database(database);
-        let store = Self {
-            config,
-            client,
-            capabilities,
-            timeout,
-            atoms_writer: Mutex::new(()),
-            dead_letters_writer: Mutex::new(()),
-        };
+        let store = Self { config, client, capabilities, timeout, atoms_writer: Mutex::new(()), dead_letters_writer: Mutex::new(()) };
         tracing::info!(
             url = %store.config.url,
             database = %store.config.database,
@@ -913,6 +883,18 @@ impl ClickHouseStore {
 
     async fn timed<T>(&self, context: &str, request: impl Future<Output = clickhouse::error::Result<T>>) -> Result<T, StoreError> {
         timed(self.timeout, context, request).await
+    }
+
+    /// Per-insert settings: synchronous where the server would otherwise
+    /// batch asynchronously, and the deduplication token if there is one.
+    fn insert_settings<T>(&self, mut insert: clickhouse::insert::Insert<T>, token: Option<&str>) -> clickhouse::insert::Insert<T> {
+        if self.capabilities.has_async_insert {
+            insert = insert.with_setting("async_insert", "0");
+        }
+        if let Some(token) = token {
+            insert = insert.with_setting("insert_deduplication_token", token);
+        }
+        insert
     }
 
     fn table(&self, name: &str) -> String {
@@ -960,7 +942,8 @@ impl ClickHouseStore {
             let row = MigrationInsert { name, checksum: &sum, applied_at: datetime_secs(now_ms()) };
             let context = format!("record {name} in {}", self.table(MIGRATIONS_TABLE));
             self.timed(&context, async {
-                let mut insert = self.client.insert::<MigrationInsert<'_>>(MIGRATIONS_TABLE).await?;
+                let insert = self.client.insert::<MigrationInsert<'_>>(MIGRATIONS_TABLE).await?;
+                let mut insert = self.insert_settings(insert, None);
                 insert.write(&row).await?;
                 insert.end().await
             })
@@ -1001,8 +984,7 @@ impl ClickHouseStore {
             return Ok(());
         }
         let sql = format!("ALTER TABLE {table} MODIFY SETTING non_replicated_deduplication_window = {DEDUP_WINDOW}");
-        self.timed(&format!("enable insert deduplication on {}", self.table(table)), self.client.query(&sql).execute())
-            .await
+        self.timed(&format!("enable insert deduplication on {}", self.table(table)), self.client.query(&sql).execute()).await
     }
 
     async fn verify_columns(&self, table: &str, expected: &[(&str, &str)]) -> Result<(), StoreError> {
@@ -1020,9 +1002,7 @@ impl ClickHouseStore {
         for (name, ty) in expected {
             match actual.iter().find(|(n, _)| n == name) {
                 None => problems.push(format!("column `{name}` ({ty}) is missing")),
-                Some((_, actual_ty)) if actual_ty != ty => {
-                    problems.push(format!("column `{name}` is {actual_ty}, expected {ty}"))
-                }
+                Some((_, actual_ty)) if actual_ty != ty => problems.push(format!("column `{name}` is {actual_ty}, expected {ty}")),
                 Some(_) => {}
             }
         }
@@ -1054,11 +1034,7 @@ impl ClickHouseStore {
         let text = self.read_only(sql, "TabSeparated").await?;
         let value = text.strip_suffix('\n').unwrap_or(&text);
         value.parse::<u64>().map_err(|_| {
-            StoreError::Fatal(format!(
-                "query `{}` returned `{}`, not one unsigned integer",
-                truncate(sql, 200),
-                truncate(value, 200)
-            ))
+            StoreError::Fatal(format!("query `{}` returned `{}`, not one unsigned integer", truncate(sql, 200), truncate(value, 200)))
         })
     }
 
@@ -1081,11 +1057,7 @@ impl ClickHouseStore {
                 READ_ONLY_KEYWORDS.join(", ")
             )));
         }
-        let query = self
-            .client
-            .query_raw(sql)
-            .with_setting("readonly", "2")
-            .with_setting("output_format_pretty_color", "0");
+        let query = self.client.query_raw(sql).with_setting("readonly", "2").with_setting("output_format_pretty_color", "0");
         let context = format!("query `{}` in database `{}`", truncate(sql, 200), self.config.database);
         let bytes = self
             .timed(&context, async {
@@ -1104,10 +1076,7 @@ impl ClickHouseStore {
             let rows: Vec<String> = self
                 .timed(
                     &format!("look up {} content hashes in {}", chunk.len(), self.table("atoms")),
-                    self.client
-                        .query("SELECT content_hash FROM atoms WHERE content_hash IN ?")
-                        .bind(SqlTuple(chunk))
-                        .fetch_all::<String>(),
+                    self.client.query("SELECT content_hash FROM atoms WHERE content_hash IN ?").bind(SqlTuple(chunk)).fetch_all::<String>(),
                 )
                 .await?;
             found.extend(rows.iter().filter_map(|h| ContentHash::from_hex(h)));
@@ -1188,10 +1157,8 @@ impl ClickHouseStore {
             let token = self.capabilities.supports_dedup_token.then(|| atoms_dedup_token(chunk));
             let context = format!("insert {} atoms into {}", chunk.len(), self.table("atoms"));
             self.timed(&context, async {
-                let mut insert = self.client.insert::<AtomInsert<'_>>("atoms").await?;
-                if let Some(token) = &token {
-                    insert = insert.with_setting("insert_deduplication_token", token.as_str());
-                }
+                let insert = self.client.insert::<AtomInsert<'_>>("atoms").await?;
+                let mut insert = self.insert_settings(insert, token.as_deref());
                 for row in chunk {
                     insert
                         .write(&AtomInsert {
@@ -1229,15 +1196,11 @@ impl ClickHouseStore {
         }
         let _writer = self.dead_letters_writer.lock().await;
         let mut seen = HashSet::with_capacity(rows.len());
-        let unique: Vec<&DeadLetterRow> = rows
-            .iter()
-            .filter(|r| seen.insert((r.source_topic.as_str(), r.source_partition, r.source_offset)))
-            .collect();
+        let unique: Vec<&DeadLetterRow> =
+            rows.iter().filter(|r| seen.insert((r.source_topic.as_str(), r.source_partition, r.source_offset))).collect();
         let stored = self.existing_dead_letter_keys(&unique).await?;
-        let fresh: Vec<&DeadLetterRow> = unique
-            .into_iter()
-            .filter(|r| !stored.contains(&(r.source_topic.clone(), r.source_partition, r.source_offset)))
-            .collect();
+        let fresh: Vec<&DeadLetterRow> =
+            unique.into_iter().filter(|r| !stored.contains(&(r.source_topic.clone(), r.source_partition, r.source_offset))).collect();
         let report = InsertReport { inserted: fresh.len(), already_present: rows.len() - fresh.len() };
         if fresh.is_empty() {
             return Ok(report);
@@ -1261,10 +1224,8 @@ impl ClickHouseStore {
             let token = self.capabilities.supports_dedup_token.then(|| dead_letters_dedup_token(chunk));
             let context = format!("insert {} dead letters into {}", chunk.len(), self.table("dead_letters"));
             self.timed(&context, async {
-                let mut insert = self.client.insert::<DeadLetterInsert<'_>>("dead_letters").await?;
-                if let Some(token) = &token {
-                    insert = insert.with_setting("insert_deduplication_token", token.as_str());
-                }
+                let insert = self.client.insert::<DeadLetterInsert<'_>>("dead_letters").await?;
+                let mut insert = self.insert_settings(insert, token.as_deref());
                 for row in chunk {
                     insert
                         .write(&DeadLetterInsert {
@@ -1296,10 +1257,7 @@ async fn count(timeout: Duration, client: &Client, sql: &str, value: &str) -> Re
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl AtomStore for ClickHouseStore {
@@ -1321,6 +1279,8 @@ mod tests {
     use super::*;
     use clickhouse::error::Error as E;
 
+    type Expect = fn(&StoreError) -> bool;
+
     fn is_unavailable(e: &StoreError) -> bool {
         matches!(e, StoreError::Unavailable(_))
     }
@@ -1333,36 +1293,78 @@ mod tests {
 
     /// Error bodies exactly as ClickHouse 18.16.1 (Debian) returned them over
     /// HTTP on this machine, with the class each must get.
-    const OBSERVED_18_16: &[(&str, fn(&StoreError) -> bool)] = &[
+    const OBSERVED_18_16: &[(&str, Expect)] = &[
         ("Code: 60, e.displayText() = DB::Exception: Table t1.nope doesn't exist., e.what() = DB::Exception", is_fatal),
         ("Code: 81, e.displayText() = DB::Exception: Database nodb doesn't exist, e.what() = DB::Exception", is_fatal),
         ("Code: 47, e.displayText() = DB::Exception: Unknown identifier: nocol, e.what() = DB::Exception", is_fatal),
         ("Code: 192, e.displayText() = DB::Exception: Unknown user nouser, e.what() = DB::Exception", is_fatal),
         ("Code: 193, e.displayText() = DB::Exception: Wrong password for user pwuser, e.what() = DB::Exception", is_fatal),
         ("Code: 16, e.displayText() = DB::Exception: No such column nocol in table atoms, e.what() = DB::Exception", is_fatal),
-        ("Code: 62, e.displayText() = DB::Exception: Syntax error: failed at position 1: SELEC 1. Expected one of: SYSTEM query, SELECT subquery, DESC, e.what() = DB::Exception", is_fatal),
+        (
+            "Code: 62, e.displayText() = DB::Exception: Syntax error: failed at position 1: SELEC 1. Expected one of: SYSTEM query, SELECT subquery, DESC, e.what() = DB::Exception",
+            is_fatal,
+        ),
         ("Code: 164, e.displayText() = DB::Exception: Cannot insert into table in readonly mode, e.what() = DB::Exception", is_fatal),
         ("Code: 46, e.displayText() = DB::Exception: Unknown function currentUser, e.what() = DB::Exception", is_fatal),
-        ("Code: 42, e.displayText() = DB::Exception: Number of arguments for function arrayElement doesn't match: passed 3, should be 2, e.what() = DB::Exception", is_fatal),
-        ("Code: 53, e.displayText() = DB::Exception: Type mismatch in IN or VALUES section. Expected: UInt64. Got: String, e.what() = DB::Exception", is_rejected),
-        ("Code: 27, e.displayText() = DB::Exception: Cannot parse input: expected \\n before: notanumber: (at row 1)\n\nRow 1:\nColumn 0,   name: content_hash, type: String, parsed text: \"a\"\nColumn 1,   name: content_size, type: UInt64, ERROR: text \"notanumber\" is not like UInt64\n\n, e.what() = DB::Exception", is_rejected),
-        ("Code: 41, e.displayText() = DB::Exception: Cannot parse datetime: Cannot parse DateTime from String, e.what() = DB::Exception", is_rejected),
+        (
+            "Code: 42, e.displayText() = DB::Exception: Number of arguments for function arrayElement doesn't match: passed 3, should be 2, e.what() = DB::Exception",
+            is_fatal,
+        ),
+        (
+            "Code: 53, e.displayText() = DB::Exception: Type mismatch in IN or VALUES section. Expected: UInt64. Got: String, e.what() = DB::Exception",
+            is_rejected,
+        ),
+        (
+            "Code: 27, e.displayText() = DB::Exception: Cannot parse input: expected \\n before: notanumber: (at row 1)\n\nRow 1:\nColumn 0,   name: content_hash, type: String, parsed text: \"a\"\nColumn 1,   name: content_size, type: UInt64, ERROR: text \"notanumber\" is not like UInt64\n\n, e.what() = DB::Exception",
+            is_rejected,
+        ),
+        (
+            "Code: 41, e.displayText() = DB::Exception: Cannot parse datetime: Cannot parse DateTime from String, e.what() = DB::Exception",
+            is_rejected,
+        ),
         ("Code: 131, e.displayText() = DB::Exception: String too long for type FixedString(2), e.what() = DB::Exception", is_rejected),
-        ("Code: 241, e.displayText() = DB::Exception: Memory limit (for query) exceeded: would use 2.00 MiB (attempt to allocate chunk of 4096 bytes), maximum: 976.56 KiB, e.what() = DB::Exception", is_unavailable),
-        ("Code: 159, e.displayText() = DB::Exception: Timeout exceeded: elapsed 1.999999943 seconds, maximum: 1, e.what() = DB::Exception", is_unavailable),
-        ("Code: 252, e.displayText() = DB::Exception: Too many parts (1). Merges are processing significantly slower than inserts., e.what() = DB::Exception", is_unavailable),
+        (
+            "Code: 241, e.displayText() = DB::Exception: Memory limit (for query) exceeded: would use 2.00 MiB (attempt to allocate chunk of 4096 bytes), maximum: 976.56 KiB, e.what() = DB::Exception",
+            is_unavailable,
+        ),
+        (
+            "Code: 159, e.displayText() = DB::Exception: Timeout exceeded: elapsed 1.999999943 seconds, maximum: 1, e.what() = DB::Exception",
+            is_unavailable,
+        ),
+        (
+            "Code: 252, e.displayText() = DB::Exception: Too many parts (1). Merges are processing significantly slower than inserts., e.what() = DB::Exception",
+            is_unavailable,
+        ),
     ];
 
     /// The same failures from ClickHouse 26.9 (the engine in the `chdb`
     /// package, run on this machine), which uses the current message form.
-    const OBSERVED_26_9: &[(&str, fn(&StoreError) -> bool)] = &[
-        ("Code: 60. DB::Exception: Unknown table expression identifier 'h.nope'. Maybe you meant system.one? In scope SELECT * FROM h.nope. (UNKNOWN_TABLE)", is_fatal),
-        ("Code: 47. DB::Exception: Unknown expression identifier `nocol`. In scope SELECT nocol FROM h.atoms. (UNKNOWN_IDENTIFIER)", is_fatal),
+    const OBSERVED_26_9: &[(&str, Expect)] = &[
+        (
+            "Code: 60. DB::Exception: Unknown table expression identifier 'h.nope'. Maybe you meant system.one? In scope SELECT * FROM h.nope. (UNKNOWN_TABLE)",
+            is_fatal,
+        ),
+        (
+            "Code: 47. DB::Exception: Unknown expression identifier `nocol`. In scope SELECT nocol FROM h.atoms. (UNKNOWN_IDENTIFIER)",
+            is_fatal,
+        ),
         ("Code: 81. DB::Exception: Database nodb does not exist. (UNKNOWN_DATABASE)", is_fatal),
-        ("Code: 6. DB::Exception: Cannot parse string 'x' as UInt64: syntax error at begin of string. Note: there are toUInt64OrZero and toUInt64OrNull functions, which returns zero/NULL instead of throwing exception: While executing ValuesBlockInputFormat. (CANNOT_PARSE_TEXT)", is_rejected),
-        ("Code: 131. DB::Exception: String too long for type FixedString(2): In scope SELECT toFixedString('abcdef', 2). (TOO_LARGE_STRING_SIZE)", is_rejected),
-        ("Code: 41. DB::Exception: Cannot read DateTime: unexpected word: Cannot parse DateTime from String: In scope SELECT toDateTime('abc'). (CANNOT_PARSE_DATETIME)", is_rejected),
-        ("Code: 241. DB::Exception: Query memory limit exceeded: would use 5.06 MiB (attempt to allocate chunk of 5.00 MiB), maximum: 976.56 KiB: While executing AggregatingTransform. (MEMORY_LIMIT_EXCEEDED)", is_unavailable),
+        (
+            "Code: 6. DB::Exception: Cannot parse string 'x' as UInt64: syntax error at begin of string. Note: there are toUInt64OrZero and toUInt64OrNull functions, which returns zero/NULL instead of throwing exception: While executing ValuesBlockInputFormat. (CANNOT_PARSE_TEXT)",
+            is_rejected,
+        ),
+        (
+            "Code: 131. DB::Exception: String too long for type FixedString(2): In scope SELECT toFixedString('abcdef', 2). (TOO_LARGE_STRING_SIZE)",
+            is_rejected,
+        ),
+        (
+            "Code: 41. DB::Exception: Cannot read DateTime: unexpected word: Cannot parse DateTime from String: In scope SELECT toDateTime('abc'). (CANNOT_PARSE_DATETIME)",
+            is_rejected,
+        ),
+        (
+            "Code: 241. DB::Exception: Query memory limit exceeded: would use 5.06 MiB (attempt to allocate chunk of 5.00 MiB), maximum: 976.56 KiB: While executing AggregatingTransform. (MEMORY_LIMIT_EXCEEDED)",
+            is_unavailable,
+        ),
         ("Code: 159. DB::Exception: Timeout exceeded: elapsed 1000.962 ms, maximum: 1000.000 ms. (TIMEOUT_EXCEEDED)", is_unavailable),
     ];
 
