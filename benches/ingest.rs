@@ -283,6 +283,8 @@ fn per_record(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("per_record");
     g.throughput(Throughput::Elements(n as u64));
+    // One iteration is 10-50 ms; flat sampling keeps the group within its time budget.
+    g.sampling_mode(SamplingMode::Flat);
     g.sample_size(20).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(5));
 
     let total_bytes: usize = contents.iter().map(|c| c.len()).sum();
