@@ -222,10 +222,20 @@ async fn topology(id: &str, variant: &str, topic: &str, registry: &Path, embed: 
     );
     text = text.replace("\"atoms.ingest\"", &format!("\"{topic}\""));
     let mut spec = TopologySpec::parse(Path::new("bench"), &text).unwrap();
+    // HARTONOMOUS_E2E_WINDOW=N runs with windows of N records (and room for them in flight).
+    if let Some(w) = std::env::var("HARTONOMOUS_E2E_WINDOW").ok().and_then(|v| v.parse::<usize>().ok()) {
+        spec.window.max_records = w;
+        spec.window.max_bytes = w * 2048;
+        spec.limits.in_flight_records = spec.limits.in_flight_records.max(w * 4);
+        spec.limits.in_flight_bytes = spec.limits.in_flight_bytes.max(w * 8192);
+    }
     spec.source.group = Some(format!("{id}.{variant}"));
     if !embed {
         spec.stages.retain(|s| !matches!(s, StageSpec::Embed(_)));
     }
+    // HARTONOMOUS_E2E_DROP=publish,dedup leaves optional stages out, to see what each costs.
+    let drop = std::env::var("HARTONOMOUS_E2E_DROP").unwrap_or_default();
+    spec.stages.retain(|s| !drop.split(',').any(|d| d == s.name()));
     let mut store = ClickHouseConfig::new(clickhouse_url(), database.clone());
     store.migrate_on_start = true;
     let profile = Profile {

@@ -134,7 +134,7 @@ fn topology_validate_names_file_field_and_fix() {
         assert!(shown.contains(stage), "{shown}");
     }
     let broken = dir.path().join("broken.toml");
-    std::fs::write(&broken, std::fs::read_to_string(good).unwrap().replace("in_flight_records = 10000", "in_flight_records = 10")).unwrap();
+    std::fs::write(&broken, std::fs::read_to_string(good).unwrap().replace("in_flight_records = 20000", "in_flight_records = 10")).unwrap();
     let out = hartonomous(dir.path(), &["topology", "validate", broken.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

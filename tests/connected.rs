@@ -119,7 +119,7 @@ max_batch = 256
             .replace("\"atoms.ingest\"", &format!("\"{topic}\""))
             .replace("partitions = 3", &format!("partitions = {partitions}"))
             .replace("commit_interval_ms = 1000", "commit_interval_ms = 200")
-            .replace("max_records = 500", "max_records = 200");
+            .replace("max_records = 5000", "max_records = 200");
         std::fs::write(&topology, text).unwrap();
         let s = Self { dir, topic, dlq, out, database, profile, topology, partitions };
         // Topics exist before anyone produces, with the partition count of the declaration.
@@ -431,7 +431,7 @@ async fn clickhouse_outage_pauses_then_resumes_without_loss() {
     assert_eq!(s.hashes_final().await, hashes);
     let log = s.log("p");
     assert!(log.contains("backpressure: partitions paused"), "partitions paused during the outage:\n{}", &log[log.len().saturating_sub(4000)..]);
-    // In-flight work is bounded (10k records, 64 MiB by default), so memory is too.
+    // In-flight work is bounded (20k records, 64 MiB by default), so memory is too.
     assert!(peak_kib > 0 && peak_kib < 768 * 1024, "peak RSS {peak_kib} KiB during the outage");
 }
 

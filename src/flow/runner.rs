@@ -41,7 +41,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { in_flight_records: 10_000, in_flight_bytes: 64 << 20, edge_batches: 4 }
+        Self { in_flight_records: 20_000, in_flight_bytes: 64 << 20, edge_batches: 4 }
     }
 }
 

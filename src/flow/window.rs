@@ -16,7 +16,7 @@ pub struct WindowConfig {
 
 impl Default for WindowConfig {
     fn default() -> Self {
-        Self { max_records: 500, max_bytes: 4 << 20, max_age_ms: 200 }
+        Self { max_records: 5000, max_bytes: 8 << 20, max_age_ms: 200 }
     }
 }
 

@@ -340,7 +340,7 @@ mod tests {
         let e = parse(&without_hash).unwrap_err();
         assert!(e.contains("required stage `hash`") && e.contains("add `[[stage]]"), "{e}");
 
-        let e = parse(&GOOD.replace("max_records = 500", "max_records = 0")).unwrap_err();
+        let e = parse(&GOOD.replace("max_records = 5000", "max_records = 0")).unwrap_err();
         assert!(e.contains("window") && e.contains("at least 1"), "{e}");
 
         let e = parse(&GOOD.replace("max_content_bytes", "max_content_byte")).unwrap_err();
