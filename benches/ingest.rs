@@ -89,12 +89,13 @@ use hartonomous::topology::{self, spec::TopologySpec};
 /// Records in the `per_record` group (bench mode).
 const PER_RECORD_N: usize = 10_000;
 /// Records in the `embedded_topology` group (bench mode).
-const TOPOLOGY_N: usize = 5_000;
+/// Several windows, so the stages overlap as they do in a long run.
+const TOPOLOGY_N: usize = 20_000;
 /// Embedding dimension of the hashing embedder.
 const DIMENSION: usize = 384;
 /// The bundled topology's window size (`[window] max_records`), used for the
 /// dedup windows and the raw insert batches.
-const WINDOW: usize = 500;
+const WINDOW: usize = 5_000;
 /// `recent_capacity` of the bundled topology's dedup stage.
 const RECENT_CAPACITY: usize = 100_000;
 
