@@ -74,14 +74,15 @@ impl Embedded {
     }
 }
 
-/// Opens the profile's schema registry and registers the bundled schemas of
-/// the topology's source topic (a no-op when they are registered already).
-pub async fn open_registry(profile: &Profile, spec: &TopologySpec) -> anyhow::Result<Arc<dyn SchemaRegistry>> {
+/// Opens the profile's schema registry and registers every bundled version of
+/// schema `name` under `<topic>-value`, oldest first (a no-op when they are
+/// registered already), so ids are the same whichever command runs first.
+pub async fn open_registry(profile: &Profile, topic: &str, name: &str) -> anyhow::Result<Arc<dyn SchemaRegistry>> {
     match &profile.registry {
         RegistryProfile::Confluent(c) => {
             let registry = ConfluentRegistry::new(c.clone()).map_err(anyhow::Error::msg)?;
-            for version in Schemas::versions(&spec.source.schema).unwrap_or_default() {
-                registry.register(&Schemas::subject(&spec.source.topic), &version.schema).await?;
+            for version in Schemas::versions(name).unwrap_or_default() {
+                registry.register(&Schemas::subject(topic), &version.schema).await?;
             }
             Ok(Arc::new(registry))
         }
@@ -91,7 +92,7 @@ pub async fn open_registry(profile: &Profile, spec: &TopologySpec) -> anyhow::Re
                 std::fs::create_dir_all(parent)?;
             }
             let registry = FileRegistry::open(&path)?;
-            registry.register_bundled(&[(spec.source.topic.as_str(), spec.source.schema.as_str())])?;
+            registry.register_bundled(&[(topic, name)])?;
             Ok(Arc::new(registry))
         }
     }
@@ -116,7 +117,7 @@ pub async fn run_kafka(profile: &Profile, spec: &TopologySpec, shutdown: impl st
         anyhow::bail!("this profile's log is not Kafka; `run` without --input needs `[log] kind = \"kafka\"`");
     };
     let clock = crate::clock::system();
-    let registry = open_registry(profile, spec).await?;
+    let registry = open_registry(profile, &spec.source.topic, &spec.source.schema).await?;
     let store = open_store(profile).await?;
     let embedder = build_embedder(&profile.embedder, clock.clone())?;
     if kafka.create_topics {

@@ -8,9 +8,8 @@ use clap::{Parser, Subcommand};
 use hartonomous::app::Embedded;
 use hartonomous::avro::{self, Schemas};
 use hartonomous::clock;
-use hartonomous::avro::confluent::ConfluentRegistry;
-use hartonomous::avro::{FileRegistry, SchemaRegistry};
-use hartonomous::config::{LogProfile, Profile, RegistryProfile, StoreProfile};
+use hartonomous::avro::FileRegistry;
+use hartonomous::config::{LogProfile, Profile, StoreProfile};
 use hartonomous::log::LogProducer;
 use hartonomous::store::clickhouse::ClickHouseStore;
 use hartonomous::topology::{self, spec::TopologySpec};
@@ -171,19 +170,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 None => Schemas::current(&name),
             }
             .ok_or_else(|| anyhow::anyhow!("no bundled schema {name} (version {schema_version:?}); known: {:?}", Schemas::names()))?;
-            let registry: std::sync::Arc<dyn SchemaRegistry> = match &profile.registry {
-                RegistryProfile::Confluent(c) => std::sync::Arc::new(ConfluentRegistry::new(c.clone()).map_err(anyhow::Error::msg)?),
-                RegistryProfile::File(_) => {
-                    let path = profile.registry_path().expect("file registry");
-                    if let Some(parent) = path.parent() {
-                        std::fs::create_dir_all(parent)?;
-                    }
-                    let registry = FileRegistry::open(&path)?;
-                    // Every bundled version first, in order, so ids match what `run` and `schemas` assign.
-                    registry.register_bundled(&[(topic.as_str(), name.as_str())])?;
-                    std::sync::Arc::new(registry)
-                }
-            };
+            let registry = hartonomous::app::open_registry(&profile, &topic, &name).await?;
             let id = registry.register(&Schemas::subject(&topic), &version.schema).await?;
             let lines = std::fs::read(&input).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let mut out = Vec::new();
