@@ -1,4 +1,7 @@
-//! The ClickHouse store against a real server.
+//! The ClickHouse store against a real server: what is specific to it
+//! (migrations, errors, insert splitting, `FINAL` and merges, queries). The
+//! `AtomStore` contract it shares with the embedded store is tested, for both,
+//! in `tests/store_contract.rs`.
 //!
 //! Needs ClickHouse's HTTP interface at `HARTONOMOUS_TEST_CLICKHOUSE`
 //! (default `http://127.0.0.1:18123`, user `default` without password), e.g.
@@ -201,75 +204,6 @@ async fn a_table_altered_behind_the_store_is_refused() {
 }
 
 #[tokio::test]
-async fn inserting_the_same_atoms_again_keeps_one_row_each() {
-    let db = TestDb::new().await;
-    let store = db.store().await;
-    let rows = atoms("hundred", 100);
-    assert_eq!(store.insert_atoms(&rows).await.unwrap(), InsertReport { inserted: 100, already_present: 0 });
-    assert_eq!(store.insert_atoms(&rows).await.unwrap(), InsertReport { inserted: 0, already_present: 100 });
-    assert_eq!(store.count_atoms_final().await.unwrap(), 100);
-    // The store never wrote a second copy, even before merges.
-    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms").await.unwrap(), 100);
-
-    // Old and new rows mixed, with a repeat inside the call: the first occurrence wins.
-    let mut mixed: Vec<AtomRow> = rows[..50].to_vec();
-    mixed.extend(atoms("ten-more", 10));
-    let mut repeat = mixed[55].clone();
-    repeat.trace_id = "second-occurrence".into();
-    mixed.push(repeat);
-    assert_eq!(store.insert_atoms(&mixed).await.unwrap(), InsertReport { inserted: 10, already_present: 51 });
-    assert_eq!(store.count_atoms_final().await.unwrap(), 110);
-    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms WHERE trace_id = 'second-occurrence'").await.unwrap(), 0);
-    assert_eq!(store.insert_atoms(&[]).await.unwrap(), InsertReport::default());
-}
-
-#[tokio::test]
-async fn concurrent_inserts_of_the_same_rows_write_each_once() {
-    let db = TestDb::new().await;
-    let store = std::sync::Arc::new(db.store().await);
-    let rows = std::sync::Arc::new(atoms("race", 40));
-    let tasks: Vec<_> = (0..4)
-        .map(|_| {
-            let store = store.clone();
-            let rows = rows.clone();
-            tokio::spawn(async move { store.insert_atoms(&rows).await.unwrap() })
-        })
-        .collect();
-    let mut inserted = 0;
-    for task in tasks {
-        let report = task.await.unwrap();
-        assert_eq!(report.inserted + report.already_present, 40);
-        inserted += report.inserted;
-    }
-    assert_eq!(inserted, 40);
-    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms").await.unwrap(), 40);
-}
-
-#[tokio::test]
-async fn existing_hashes_answers_for_a_mix_of_known_and_unknown() {
-    let db = TestDb::new().await;
-    let store = db.store().await;
-    let stored = atoms("known", 10);
-    store.insert_atoms(&stored).await.unwrap();
-
-    let known: HashSet<ContentHash> = stored.iter().map(|r| r.content_hash).collect();
-    let unknown: Vec<ContentHash> = (0..10).map(|i| ContentHash::of(format!("unknown-{i}").as_bytes())).collect();
-    let mut asked: Vec<ContentHash> = stored.iter().map(|r| r.content_hash).collect();
-    asked.extend(&unknown);
-    asked.push(stored[0].content_hash);
-    assert_eq!(store.existing_hashes(&asked).await.unwrap(), known);
-    assert!(store.existing_hashes(&unknown).await.unwrap().is_empty());
-    assert!(store.existing_hashes(&[]).await.unwrap().is_empty());
-
-    // More hashes than one query carries.
-    let mut many: Vec<ContentHash> = (0..5_000).map(|i| ContentHash::of(format!("absent-{i}").as_bytes())).collect();
-    many.insert(2_500, stored[3].content_hash);
-    many.push(stored[7].content_hash);
-    let found = store.existing_hashes(&many).await.unwrap();
-    assert_eq!(found, HashSet::from([stored[3].content_hash, stored[7].content_hash]));
-}
-
-#[tokio::test]
 async fn a_replay_that_bypasses_the_check_still_counts_each_atom_once() {
     let db = TestDb::new().await;
     let store = db.store().await;
@@ -322,50 +256,6 @@ async fn a_replay_that_bypasses_the_check_still_counts_each_atom_once() {
 
     // And the store still treats them as present.
     assert_eq!(store.insert_atoms(&rows).await.unwrap(), InsertReport { inserted: 0, already_present: 20 });
-}
-
-#[derive(Debug, clickhouse::Row, Deserialize)]
-struct StoredDeadLetter {
-    source_offset: i64,
-    error: String,
-    attempts: u32,
-    failed_at: u32,
-    failed_at_ms: i64,
-    original_key: Option<Vec<u8>>,
-    original_payload: Vec<u8>,
-}
-
-#[tokio::test]
-async fn dead_letters_are_idempotent_by_position() {
-    let db = TestDb::new().await;
-    let store = db.store().await;
-    let rows = vec![dead_letter("in", 0, 10), dead_letter("in", 0, 11), dead_letter("in", 1, 10), dead_letter("other", 0, 10)];
-    assert_eq!(store.insert_dead_letters(&rows).await.unwrap(), InsertReport { inserted: 4, already_present: 0 });
-
-    // Same position, other content: still the same dead letter.
-    let mut replay = dead_letter("in", 0, 10);
-    replay.error = "a different message".into();
-    let report = store.insert_dead_letters(&[replay.clone(), dead_letter("in", 0, 12), replay]).await.unwrap();
-    assert_eq!(report, InsertReport { inserted: 1, already_present: 2 });
-    assert_eq!(store.insert_dead_letters(&rows).await.unwrap(), InsertReport { inserted: 0, already_present: 4 });
-    assert_eq!(store.count_dead_letters_final().await.unwrap(), 5);
-    assert_eq!(store.query_scalar_u64("SELECT count() FROM dead_letters").await.unwrap(), 5);
-
-    let stored: Vec<StoredDeadLetter> = db
-        .raw
-        .query("SELECT ?fields FROM dead_letters FINAL WHERE source_topic = 'in' AND source_partition = 0 ORDER BY source_offset")
-        .fetch_all()
-        .await
-        .unwrap();
-    assert_eq!(stored.len(), 3);
-    assert_eq!(stored[0].source_offset, 10);
-    assert_eq!(stored[0].error, "unsupported content type", "the first archived version stays");
-    assert_eq!(stored[0].original_key, Some(vec![1, 2, 3]));
-    assert_eq!(stored[1].original_key, None, "no key is not an empty key");
-    assert_eq!(stored[1].original_payload, vec![0xde, 0xad, 11, 0x00, 0xff]);
-    assert_eq!(stored[2].attempts, 1);
-    assert_eq!(stored[2].failed_at_ms, T0_MS + 2_012);
-    assert_eq!(stored[2].failed_at, ((T0_MS + 2_012) / 1000) as u32);
 }
 
 #[tokio::test]

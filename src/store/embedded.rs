@@ -824,7 +824,7 @@ impl AtomStore for EmbeddedStore {
 mod tests {
     use super::*;
     use arrow::array::AsArray;
-    use arrow::datatypes::{Float32Type, Int64Type};
+    use arrow::datatypes::Int64Type;
 
     fn atom(content: &str, offset: i64) -> AtomRow {
         let content = content.as_bytes().to_vec();
@@ -907,18 +907,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn insert_then_count_and_hashes_round_trip() {
+    async fn every_column_round_trips_with_its_arrow_type() {
+        // Hashes, lineage, embeddings, idempotency: tests/store_contract.rs.
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        let rows = three_atoms();
-        let report = store.insert_atoms(&rows).await.unwrap();
-        assert_eq!(report, InsertReport { inserted: 3, already_present: 0 });
-        assert_eq!(count(&store, "atoms").await, 3);
-        assert_eq!(store.atom_count(), 3);
-        assert_eq!(stored_hashes(&store).await, sorted_hex(&rows));
-        assert_eq!(visible_parts(store.atoms_dir()).len(), 1, "one file per call");
-
-        // Every other column round-trips too.
+        store.insert_atoms(&three_atoms()).await.unwrap();
         let batches = store
             .query(
                 "SELECT content, content_size, content_type, metadata, embedding_dimension, \
@@ -942,26 +935,30 @@ mod tests {
             1_700_000_001_002
         );
         assert_eq!(b.column(8).as_string::<i32>().value(0), "trace-2");
+
+        let batches = store.query("SELECT embedding FROM atoms").await.unwrap();
+        assert_eq!(batches[0].schema().field(0).data_type(), &DataType::List(embedding_item_field()));
     }
 
     #[tokio::test]
-    async fn reinserting_same_rows_is_a_no_op() {
+    async fn one_part_file_per_call_that_stores_rows() {
+        // What each call reports and stores: tests/store_contract.rs.
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let rows = three_atoms();
         store.insert_atoms(&rows).await.unwrap();
-        let report = store.insert_atoms(&rows).await.unwrap();
-        assert_eq!(report, InsertReport { inserted: 0, already_present: 3 });
-        assert_eq!(count(&store, "atoms").await, 3);
+        assert_eq!(visible_parts(store.atoms_dir()).len(), 1, "one file per call");
+        store.insert_atoms(&rows).await.unwrap();
         assert_eq!(visible_parts(store.atoms_dir()).len(), 1, "nothing new, no new file");
+        store.insert_atoms(&[]).await.unwrap();
+        assert_eq!(visible_parts(store.atoms_dir()).len(), 1, "nothing at all, no new file");
 
-        // A mix of old and new rows writes only the new one.
+        // A mix of old and new rows writes one file, holding the new row.
         let mut mixed = rows.clone();
         mixed.push(atom("delta", 4));
-        let report = store.insert_atoms(&mixed).await.unwrap();
-        assert_eq!(report, InsertReport { inserted: 1, already_present: 3 });
-        assert_eq!(count(&store, "atoms").await, 4);
+        store.insert_atoms(&mixed).await.unwrap();
         assert_eq!(visible_parts(store.atoms_dir()).len(), 2);
+        assert_eq!(count(&store, "atoms").await, 4);
     }
 
     #[tokio::test]
@@ -994,88 +991,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn duplicates_within_one_call_are_written_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
-        let a = atom("same", 1);
-        let mut again = atom("same", 2);
-        again.trace_id = "another-trace".into();
-        let report = store.insert_atoms(&[a.clone(), again, atom("other", 3), a]).await.unwrap();
-        assert_eq!(report, InsertReport { inserted: 2, already_present: 2 });
-        assert_eq!(count(&store, "atoms").await, 2);
-        // The first occurrence wins.
-        let batches = store
-            .query(&format!("SELECT source_offset FROM atoms WHERE content_hash = '{}'", ContentHash::of(b"same")))
-            .await
-            .unwrap();
-        let offsets: Vec<i64> =
-            batches.iter().flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec()).collect();
-        assert_eq!(offsets, vec![1]);
-    }
-
-    #[tokio::test]
-    async fn concurrent_inserts_of_the_same_rows_write_each_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-        let rows: Arc<Vec<AtomRow>> = Arc::new((0..20).map(|i| atom(&format!("row-{i}"), i)).collect());
-        let tasks: Vec<_> = (0..4)
-            .map(|_| {
-                let store = store.clone();
-                let rows = rows.clone();
-                tokio::spawn(async move { store.insert_atoms(&rows).await.unwrap() })
-            })
-            .collect();
-        let mut inserted = 0;
-        for task in tasks {
-            let report = task.await.unwrap();
-            assert_eq!(report.inserted + report.already_present, 20);
-            inserted += report.inserted;
-        }
-        assert_eq!(inserted, 20);
-        assert_eq!(count(&store, "atoms").await, 20);
-    }
-
-    #[tokio::test]
-    async fn dead_letters_are_idempotent_by_position() {
+    async fn reopen_remembers_dead_letter_positions() {
+        // Idempotency by position and the stored columns: tests/store_contract.rs.
         let dir = tempfile::tempdir().unwrap();
         let rows = vec![dead_letter("in", 0, 10), dead_letter("in", 0, 11), dead_letter("in", 1, 10), dead_letter("other", 0, 10)];
         {
             let store = EmbeddedStore::open(dir.path()).unwrap();
-            let report = store.insert_dead_letters(&rows).await.unwrap();
-            assert_eq!(report, InsertReport { inserted: 4, already_present: 0 });
-
-            // Same position, different content: still the same dead letter.
-            let mut replay = dead_letter("in", 0, 10);
-            replay.error = "a different message".into();
-            let report = store.insert_dead_letters(&[replay.clone(), dead_letter("in", 0, 12), replay]).await.unwrap();
-            assert_eq!(report, InsertReport { inserted: 1, already_present: 2 });
-            assert_eq!(count(&store, "dead_letters").await, 5);
+            store.insert_dead_letters(&rows).await.unwrap();
+            store.insert_dead_letters(&[dead_letter("in", 0, 12)]).await.unwrap();
             assert_eq!(store.dead_letter_count(), 5);
         }
         let store = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!(store.dead_letter_count(), 5);
-        let report = store.insert_dead_letters(&rows).await.unwrap();
+        // Same position, different content: still known after reopening.
+        let mut replay = rows.clone();
+        replay[0].error = "a different message".into();
+        let report = store.insert_dead_letters(&replay).await.unwrap();
         assert_eq!(report, InsertReport { inserted: 0, already_present: 4 });
         assert_eq!(count(&store, "dead_letters").await, 5);
-
-        let batches = store
-            .query(
-                "SELECT original_key, original_payload, attempts, failed_at FROM dead_letters \
-                 WHERE source_topic = 'in' AND source_partition = 0 ORDER BY source_offset",
-            )
-            .await
-            .unwrap();
-        let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
-        assert_eq!(b.num_rows(), 3);
-        let keys = b.column(0).as_binary::<i32>();
-        assert_eq!(keys.value(0), &[1, 2, 3]);
-        assert!(keys.is_null(1));
-        assert_eq!(b.column(1).as_binary::<i32>().value(1), &[0xde, 0xad, 11]);
-        assert_eq!(b.column(2).as_primitive::<arrow::datatypes::UInt32Type>().value(0), 1);
-        assert_eq!(
-            b.column(3).as_primitive::<arrow::datatypes::TimestampMillisecondType>().value(2),
-            1_700_000_002_012
-        );
+        assert_eq!(store.dead_letter_count(), 5);
     }
 
     #[tokio::test]
@@ -1170,36 +1104,6 @@ mod tests {
         assert!(!target.exists());
         assert!(store.query("CREATE TABLE t (x INT)").await.is_err());
         assert_eq!(count(&store, "atoms").await, 3);
-    }
-
-    #[tokio::test]
-    async fn embeddings_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path()).unwrap();
-        let mut rows = three_atoms();
-        rows[1].embedding = vec![];
-        rows[2].embedding = vec![f32::MIN_POSITIVE, 1e-7, 3.5, -0.0, 123456.79];
-        store.insert_atoms(&rows).await.unwrap();
-
-        let batches = store.query("SELECT embedding FROM atoms ORDER BY source_offset").await.unwrap();
-        assert_eq!(batches[0].schema().field(0).data_type(), &DataType::List(embedding_item_field()));
-        let lists: Vec<Vec<f32>> = batches
-            .iter()
-            .flat_map(|b| {
-                let list = b.column(0).as_list::<i32>();
-                (0..list.len())
-                    .map(|i| list.value(i).as_primitive::<Float32Type>().values().to_vec())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let expected: Vec<Vec<f32>> = rows.iter().map(|r| r.embedding.clone()).collect();
-        assert_eq!(lists.len(), 3);
-        for (got, want) in lists.iter().zip(&expected) {
-            assert_eq!(got.len(), want.len());
-            for (g, w) in got.iter().zip(want) {
-                assert_eq!(g.to_bits(), w.to_bits());
-            }
-        }
     }
 
     #[test]
