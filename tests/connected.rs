@@ -407,6 +407,10 @@ async fn kill_dash_nine_five_times_loses_nothing_and_duplicates_nothing() {
 async fn clickhouse_outage_pauses_then_resumes_without_loss() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let s = Setup::new("outage", 3).await;
+    // A budget smaller than what arrives during the outage, so the pause is certain.
+    let topology = std::fs::read_to_string(&s.topology).unwrap().replace("in_flight_records = 20000", "in_flight_records = 1000");
+    assert!(topology.contains("in_flight_records = 1000"));
+    std::fs::write(&s.topology, topology).unwrap();
     let (inputs, hashes, _) = workload("outage", 4000, 200);
     let (first, second) = inputs.split_at(inputs.len() / 3);
     s.produce(first).await;
