@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 use hartonomous::atom::{AtomRow, ContentHash};
 use hartonomous::outcome::error_chain;
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore, MIGRATIONS, ServerVersion};
-use hartonomous::store::{AtomStore, DeadLetterRow, InsertReport, StoreError};
+use hartonomous::store::{AtomStore, InsertReport, StoreError};
 use serde::Deserialize;
+
+mod common;
+use common::rows::{T0_MS, atom, atoms, dead_letter};
 
 const DEFAULT_URL: &str = "http://127.0.0.1:18123";
 
@@ -99,49 +102,6 @@ fn http_post(url: &str, body: &str) -> std::io::Result<String> {
         return Err(std::io::Error::other(response));
     }
     Ok(response)
-}
-
-/// 2023-11-14 22:13:20 UTC.
-const T0_MS: i64 = 1_700_000_000_000;
-
-fn atom(content: &str, offset: i64) -> AtomRow {
-    let content = content.as_bytes().to_vec();
-    AtomRow {
-        content_hash: ContentHash::of(&content),
-        content_type: "text/plain".into(),
-        content,
-        source_system: "tests".into(),
-        correlation_id: format!("corr-{offset}"),
-        metadata_json: format!(r#"{{"n":"{offset}"}}"#),
-        embedding: vec![offset as f32, 0.5, -1.25],
-        embedding_model: "test-model".into(),
-        event_time_ms: T0_MS + offset,
-        source_topic: "atoms.requests".into(),
-        source_partition: 0,
-        source_offset: offset,
-        ingested_at_ms: T0_MS + 1_000 + offset,
-        trace_id: format!("trace-{offset}"),
-    }
-}
-
-fn atoms(prefix: &str, n: usize) -> Vec<AtomRow> {
-    (0..n).map(|i| atom(&format!("{prefix}-{i}"), i as i64)).collect()
-}
-
-fn dead_letter(topic: &str, partition: i32, offset: i64) -> DeadLetterRow {
-    DeadLetterRow {
-        topology: "atom-ingestion".into(),
-        source_topic: topic.into(),
-        source_partition: partition,
-        source_offset: offset,
-        stage: "validate".into(),
-        reason: "validate.content_type".into(),
-        error: "unsupported content type".into(),
-        attempts: 1,
-        failed_at_ms: T0_MS + 2_000 + offset,
-        original_key: if offset % 2 == 0 { Some(vec![1, 2, 3]) } else { None },
-        original_payload: vec![0xde, 0xad, offset as u8, 0x00, 0xff],
-    }
 }
 
 fn expect_fatal<T: std::fmt::Debug>(result: Result<T, StoreError>, mentions: &str) -> String {

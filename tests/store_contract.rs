@@ -23,6 +23,9 @@ use std::sync::Arc;
 use hartonomous::atom::{AtomRow, ContentHash};
 use hartonomous::store::{AtomStore, DeadLetterRow, InsertReport};
 
+mod common;
+use common::rows::{T0_MS, atom, atoms, dead_letter};
+
 use clickhouse_harness::ClickHouseHarness;
 use embedded_harness::EmbeddedHarness;
 
@@ -111,53 +114,10 @@ contract!(
 // Rows
 // ---------------------------------------------------------------------------
 
-/// 2023-11-14 22:13:20 UTC.
-const T0_MS: i64 = 1_700_000_000_000;
-
-fn atom(content: &str, offset: i64) -> AtomRow {
-    let content = content.as_bytes().to_vec();
-    AtomRow {
-        content_hash: ContentHash::of(&content),
-        content_type: "text/plain".into(),
-        content,
-        source_system: "tests".into(),
-        correlation_id: format!("corr-{offset}"),
-        metadata_json: format!(r#"{{"n":"{offset}"}}"#),
-        embedding: vec![offset as f32, 0.5, -1.25],
-        embedding_model: "test-model".into(),
-        event_time_ms: T0_MS + offset,
-        source_topic: "atoms.requests".into(),
-        source_partition: 0,
-        source_offset: offset,
-        ingested_at_ms: T0_MS + 1_000 + offset,
-        trace_id: format!("trace-{offset}"),
-    }
-}
-
-fn atoms(prefix: &str, n: usize) -> Vec<AtomRow> {
-    (0..n).map(|i| atom(&format!("{prefix}-{i}"), i as i64)).collect()
-}
-
 fn hashes(rows: &[AtomRow]) -> Vec<ContentHash> {
     rows.iter().map(|r| r.content_hash).collect()
 }
 
-fn dead_letter(topic: &str, partition: i32, offset: i64) -> DeadLetterRow {
-    DeadLetterRow {
-        topology: "atom-ingestion".into(),
-        source_topic: topic.into(),
-        source_partition: partition,
-        source_offset: offset,
-        stage: "validate".into(),
-        reason: "validate.content_type".into(),
-        error: "unsupported content type".into(),
-        attempts: 1,
-        failed_at_ms: T0_MS + 2_000 + offset,
-        // Even offsets have a key, odd ones none (which is not an empty key).
-        original_key: if offset % 2 == 0 { Some(vec![1, 2, 3]) } else { None },
-        original_payload: vec![0xde, 0xad, offset as u8, 0x00, 0xff],
-    }
-}
 
 fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|f| f.to_bits()).collect()

@@ -2,6 +2,8 @@
 //! directory, an embedder that counts what it is asked, and request builders.
 #![allow(dead_code)]
 
+pub mod rows;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
