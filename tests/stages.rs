@@ -966,3 +966,45 @@ async fn a_hash_dead_lettered_downstream_is_forgotten_so_its_replay_continues() 
     let replay = dedup.process(hashed_items(&["DOWN for now"])).await.unwrap();
     assert_eq!(summary(&replay), vec!["continue"]);
 }
+
+/// Answers `Unavailable` for the first `failures` look-ups, then delegates.
+struct FlakyRegistry {
+    inner: Arc<FileRegistry>,
+    failures: Mutex<u32>,
+    calls: Mutex<u32>,
+}
+
+impl SchemaRegistry for FlakyRegistry {
+    fn schema_by_id(&self, id: u32) -> BoxFuture<'_, Result<Arc<apache_avro::Schema>, hartonomous::avro::RegistryError>> {
+        *self.calls.lock().unwrap() += 1;
+        let fail = {
+            let mut f = self.failures.lock().unwrap();
+            let fail = *f > 0;
+            *f = f.saturating_sub(1);
+            fail
+        };
+        if fail {
+            return Box::pin(async { Err(hartonomous::avro::RegistryError::Unavailable("registry restarting".into())) });
+        }
+        self.inner.schema_by_id(id)
+    }
+
+    fn register(&self, subject: &str, schema: &apache_avro::Schema) -> BoxFuture<'_, Result<u32, hartonomous::avro::RegistryError>> {
+        self.inner.register(subject, schema)
+    }
+}
+
+#[tokio::test]
+async fn decode_retries_an_unavailable_registry_instead_of_dead_lettering() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = Arc::new(FileRegistry::open(dir.path().join("registry.json")).unwrap());
+    let regs = file.register_bundled(&[(TOPIC, REQUEST)]).unwrap();
+    let v2_id = regs.iter().find(|r| r.bundle_version == 2).unwrap().id;
+    let flaky = Arc::new(FlakyRegistry { inner: file, failures: Mutex::new(2), calls: Mutex::new(0) });
+    let reader = Schemas::current(REQUEST).unwrap().schema.clone();
+    let mut stage = Decode::new(flaky.clone(), reader, clock::system());
+    let payload = wire(v2_id, 2, &v2_json("through a flaky registry", 1_700_000_000_000));
+    let out = stage.process(vec![item(record(0, 0, None, payload, &[]), ())]).await.unwrap();
+    assert_eq!(summary(&out), vec!["continue"]);
+    assert_eq!(*flaky.calls.lock().unwrap(), 3, "two failed look-ups, then the one that worked");
+}

@@ -16,7 +16,7 @@ use apache_avro::types::Value;
 use crate::atom::AtomIngestionRequest;
 use crate::avro::{self, DecodeError, SchemaRegistry};
 use crate::flow::{Item, Stage};
-use crate::outcome::{ErrorClass, Fatal, Outcome, Rejection};
+use crate::outcome::{Classify, ErrorClass, Fatal, Outcome, Rejection};
 use crate::record::Record;
 use crate::resilience::{Attempted, BreakerConfig, CircuitBreaker, Resilient, RetryConfig};
 
@@ -42,7 +42,18 @@ impl Decode {
             return avro::json_to_avro(&json, &self.reader).map_err(|e| Ok(Rejection::new(e.code(), e.to_string())));
         }
         let registry = self.registry.as_ref();
-        match self.resilient.call(|| avro::decode_message(registry, &self.reader, &record.payload)).await {
+        // The common case needs no retry machinery (no timer per record): only
+        // a registry that is unavailable goes through backoff and the breaker.
+        let first = avro::decode_message(registry, &self.reader, &record.payload).await;
+        let result = match first {
+            Err(e) if e.class() == ErrorClass::Retry => self.resilient.call(|| avro::decode_message(registry, &self.reader, &record.payload)).await,
+            Err(error) => {
+                let class = error.class();
+                Err(Attempted::Rejected { error, class, attempts: 1 })
+            }
+            Ok(v) => Ok(v),
+        };
+        match result {
             Ok((_, value)) => Ok(value),
             Err(Attempted::Rejected { error, class: ErrorClass::Invalid, .. }) => Err(Ok(Rejection::new(error.code(), error.to_string()))),
             Err(Attempted::Rejected { error: DecodeError::Registry(e), .. }) => Err(Err(Fatal::new("decode", e.to_string()))),
