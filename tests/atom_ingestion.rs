@@ -144,7 +144,7 @@ async fn malformed_wire_records_are_dead_lettered_with_their_reason_and_good_one
     let mut truncated = v2("truncated", "this body is cut short");
     truncated.payload.truncate(truncated.payload.len() - 6);
     let header_only = raw_record(TOPIC, "header-only", vec![0, 0]);
-    // A valid AtomIngested message on the request topic: its schema cannot resolve to the reader.
+    // A valid AtomIngested message on the request topic: the wrong type for this topic.
     let event = AtomIngested {
         content_hash: "ab".into(),
         content_type: "text/plain".into(),
@@ -170,7 +170,7 @@ async fn malformed_wire_records_are_dead_lettered_with_their_reason_and_good_one
         ("unknown-id", "decode.unknown_schema"),
         ("truncated", "decode.truncated"),
         ("header-only", "decode.truncated"),
-        ("wrong-types", "decode.body"),
+        ("wrong-types", "decode.wrong_schema"),
         ("bad-utf8", "validate.utf8"),
         ("oversize", "validate.too_large"),
     ]

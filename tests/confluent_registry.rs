@@ -17,8 +17,12 @@ use std::time::Duration;
 use apache_avro::Schema;
 use apache_avro::types::Value;
 use hartonomous::atom::AtomIngestionRequest;
+use hartonomous::avro::confluent::DEFAULT_NEGATIVE_CACHE_MS;
 use hartonomous::avro::confluent::{ConfluentRegistry, ConfluentRegistryConfig};
-use hartonomous::avro::{ATOM_INGESTION_REQUEST, DecodeError, RegistryError, SchemaRegistry, Schemas, WireError, decode_message, encode};
+use hartonomous::avro::{
+    ATOM_INGESTION_REQUEST, DecodeError, RegistryError, SchemaProblem, SchemaRegistry, Schemas, WireError, decode_message, encode,
+};
+use hartonomous::clock::ManualClock;
 use hartonomous::outcome::{Classify, ErrorClass};
 use serde_json::json;
 
@@ -373,9 +377,10 @@ async fn v1_message_decodes_with_v2_reader_through_the_registry() {
 }
 
 #[tokio::test]
-async fn unknown_id_is_unknown_id_and_is_not_cached() {
+async fn unknown_id_is_unknown_id_and_is_remembered_only_for_negative_cache_ms() {
     let server = start(false, false);
-    let registry = ConfluentRegistry::new(config(&server.base_url)).unwrap();
+    let clock = ManualClock::new(1_000_000);
+    let registry = ConfluentRegistry::with_clock(config(&server.base_url), clock.shared()).unwrap();
 
     let err = registry.schema_by_id(7).await.unwrap_err();
     assert_eq!(err, RegistryError::UnknownId(7));
@@ -398,15 +403,128 @@ async fn unknown_id_is_unknown_id_and_is_not_cached() {
     assert_eq!(err, DecodeError::Invalid(WireError::UnknownSchema(7)));
     assert_eq!(err.class(), ErrorClass::Invalid);
 
-    // Registered later, the id resolves: failures were not cached.
+    assert_eq!(server.fake.count("GET /schemas/ids/7"), 1, "the second look-up was answered from memory");
+
+    // Registered later, the id resolves once the negative answer expires.
     let id = server.fake.preload(SUBJECT, Schemas::version(ATOM_INGESTION_REQUEST, 1).unwrap().source);
     assert_eq!(id, 1);
     for i in 1..=6 {
         server.fake.preload("filler-value", &format!(r#"{{"type":"record","name":"F{i}","fields":[]}}"#));
     }
+    assert_eq!(registry.schema_by_id(7).await.unwrap_err(), RegistryError::UnknownId(7), "still remembered");
+    clock.advance(Duration::from_millis(DEFAULT_NEGATIVE_CACHE_MS));
     let schema = registry.schema_by_id(7).await.unwrap();
     assert!(schema.canonical_form().contains("F6"), "{}", schema.canonical_form());
-    assert_eq!(server.fake.count("GET /schemas/ids/7"), 3);
+    assert_eq!(server.fake.count("GET /schemas/ids/7"), 2);
+    assert_eq!(registry.negative_ids(), 0, "the expired answer is gone");
+}
+
+#[tokio::test]
+async fn a_burst_of_one_unknown_id_makes_one_request_per_negative_cache_ms() {
+    let server = start(false, false);
+    let clock = ManualClock::new(0);
+    let registry =
+        ConfluentRegistry::with_clock(ConfluentRegistryConfig { negative_cache_ms: 5_000, ..config(&server.base_url) }, clock.shared())
+            .unwrap();
+    // 1,000 look-ups at once (they overlap the first request) ...
+    let burst = futures::future::join_all((0..1_000).map(|_| registry.schema_by_id(4242))).await;
+    assert!(burst.iter().all(|r| matches!(r, Err(RegistryError::UnknownId(4242)))));
+    assert_eq!(server.fake.count("GET /schemas/ids/4242"), 1);
+    // ... and one after another, until just before the TTL ends.
+    for _ in 0..1_000 {
+        assert!(matches!(registry.schema_by_id(4242).await, Err(RegistryError::UnknownId(4242))));
+    }
+    clock.advance(Duration::from_millis(4_999));
+    assert!(registry.schema_by_id(4242).await.is_err());
+    assert_eq!(server.fake.count("GET"), 1, "exactly one request within the TTL");
+    // Past the TTL the registry is asked again, once, and the answer is remembered again.
+    clock.advance(Duration::from_millis(1));
+    for _ in 0..100 {
+        assert!(matches!(registry.schema_by_id(4242).await, Err(RegistryError::UnknownId(4242))));
+    }
+    assert_eq!(server.fake.count("GET"), 2);
+    // Another unknown id is its own entry.
+    assert!(registry.schema_by_id(4243).await.is_err());
+    assert_eq!(server.fake.count("GET"), 3);
+    assert_eq!(registry.negative_ids(), 2);
+    // Registering a schema through this client clears a negative answer for
+    // its id at once.
+    assert!(matches!(registry.schema_by_id(1).await, Err(RegistryError::UnknownId(1))));
+    let id = registry.register(SUBJECT, &bundled(1)).await.unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(registry.schema_by_id(id).await.unwrap().canonical_form(), bundled(1).canonical_form());
+    assert_eq!(server.fake.count("GET"), 5);
+}
+
+/// A registry answer for `schema` with extra fields (`schemaType`, `references`).
+fn schema_answer(schema: &str, extra: serde_json::Value) -> Vec<u8> {
+    let mut body = json!({ "schema": schema });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    response(200, &body.to_string())
+}
+
+#[tokio::test]
+async fn schemas_that_cannot_be_decoded_with_are_per_record_rejections_with_their_code() {
+    let server = start(false, false);
+    let clock = ManualClock::new(0);
+    let registry = ConfluentRegistry::with_clock(config(&server.base_url), clock.shared()).unwrap();
+    let json_schema = r#"{"type":"object","properties":{"content":{"type":"string"}}}"#;
+    let cases: Vec<(u32, &str, Vec<u8>, SchemaProblem, &str)> = vec![
+        (21, "JSON Schema", schema_answer(json_schema, json!({"schemaType": "JSON"})), SchemaProblem::NotAvro, "decode.schema_not_avro"),
+        (
+            22,
+            "Protobuf schema",
+            schema_answer("syntax = \"proto3\"; message Atom { bytes content = 1; }", json!({"schemaType": "PROTOBUF"})),
+            SchemaProblem::NotAvro,
+            "decode.schema_not_avro",
+        ),
+        (
+            23,
+            "Avro with references",
+            schema_answer(
+                r#"{"type":"record","name":"A","fields":[{"name":"b","type":"B"}]}"#,
+                json!({"schemaType": "AVRO", "references": [{"name": "B", "subject": "b-value", "version": 1}]}),
+            ),
+            SchemaProblem::References,
+            "decode.schema_references",
+        ),
+        (24, "unparsable Avro", schema_answer(r#"{"type": "nope"}"#, json!({})), SchemaProblem::Unparsable, "decode.schema_unparsable"),
+        (
+            25,
+            "Avro that is not JSON",
+            schema_answer("{not json", json!({"schemaType": "AVRO"})),
+            SchemaProblem::Unparsable,
+            "decode.schema_unparsable",
+        ),
+    ];
+    let writer = bundled(1);
+    let value = Value::Record(vec![
+        ("content_type".into(), Value::String("text/plain".into())),
+        ("content".into(), Value::Bytes(b"x".to_vec())),
+        ("metadata".into(), Value::Map(HashMap::new())),
+        ("source_system".into(), Value::String("s".into())),
+        ("correlation_id".into(), Value::String("c".into())),
+    ])
+    .resolve(&writer)
+    .unwrap();
+    for (id, what, answer, problem, code) in cases {
+        server.fake.can(answer);
+        let err = registry.schema_by_id(id).await.unwrap_err();
+        assert!(matches!(&err, RegistryError::Unusable { id: i, problem: p, .. } if *i == id && *p == problem), "{what}: {err:?}");
+        assert_eq!(err.class(), ErrorClass::Invalid, "{what}: the record's fault, not the registry's");
+        assert_eq!(err.code(), code, "{what}");
+        assert!(err.to_string().contains(&format!("schema id {id}")), "{what}: {err}");
+        // Through decode_message: a per-record rejection with the same code.
+        let bytes = encode(id, &writer, &value).unwrap();
+        let err = decode_message(&registry, &bundled(2), &bytes).await.unwrap_err();
+        assert!(matches!(&err, DecodeError::Invalid(WireError::UnusableSchema { .. })), "{what}: {err:?}");
+        assert_eq!((err.code(), err.class()), (code, ErrorClass::Invalid), "{what}");
+        assert_eq!(server.fake.count(&format!("GET /schemas/ids/{id}")), 1, "{what}: remembered, asked once");
+    }
+    assert_eq!(registry.cached_ids(), 0);
+    assert_eq!(registry.negative_ids(), 5);
 }
 
 #[tokio::test]
@@ -478,26 +596,16 @@ async fn unreachable_registry_is_unavailable_and_later_urls_are_tried() {
 }
 
 #[tokio::test]
-async fn answers_that_are_not_a_registry_or_not_avro_are_invalid_but_cut_off_answers_are_unavailable() {
+async fn answers_that_are_not_a_registry_are_invalid_but_cut_off_answers_are_unavailable() {
     let server = start(false, false);
     let registry = ConfluentRegistry::new(config(&server.base_url)).unwrap();
+    // (Answers that are registry JSON but carry a schema this client cannot
+    // use are per-record rejections: see the test above.)
     let invalid: Vec<(&str, Vec<u8>)> = vec![
         ("bare 404 (wrong path or proxy)", raw_response(404, "text/html", "<h1>Not Found</h1>")),
         ("HTML page", raw_response(200, "text/html", "<html>login</html>")),
         ("JSON without a schema", response(200, r#"{"foo": 1}"#)),
-        ("not Avro", response(200, &json!({"schema": "{\"type\": \"nope\"}"}).to_string())),
-        ("Protobuf schema", response(200, &json!({"schema": "syntax = \"proto3\";", "schemaType": "PROTOBUF"}).to_string())),
-        (
-            "schema references",
-            response(
-                200,
-                &json!({
-                    "schema": "{\"type\":\"record\",\"name\":\"A\",\"fields\":[{\"name\":\"b\",\"type\":\"B\"}]}",
-                    "references": [{"name": "B", "subject": "b-value", "version": 1}]
-                })
-                .to_string(),
-            ),
-        ),
+        ("a JSON string, not an object", response(200, r#""schema""#)),
     ];
     for (what, canned) in invalid {
         server.fake.can(canned);
@@ -580,9 +688,11 @@ fn config_parses_from_toml_and_check_names_the_field_and_the_fix() {
         password_env = "SR_SECRET"
         timeout_ms = 2500
         cache_capacity = 100
+        negative_cache_ms = 1500
         "#,
     )
     .unwrap();
+    assert_eq!(c.negative_cache_ms, 1500);
     assert_eq!(c.url, vec!["http://a:8081", "https://b:8081/"]);
     assert_eq!(c.urls(), vec!["http://a:8081", "https://b:8081"]);
     assert_eq!((c.timeout_ms, c.cache_capacity), (2500, Some(100)));
@@ -591,6 +701,7 @@ fn config_parses_from_toml_and_check_names_the_field_and_the_fix() {
     let c: ConfluentRegistryConfig = toml::from_str(r#"url = ["http://a:8081", "http://b:8081"]"#).unwrap();
     assert_eq!(c.url.len(), 2);
     assert_eq!(c.timeout_ms, 10_000);
+    assert_eq!(c.negative_cache_ms, 10_000);
     let d: ConfluentRegistryConfig = toml::from_str("").unwrap();
     assert_eq!(d.url, vec!["http://localhost:8081"]);
     d.check().unwrap();
@@ -615,6 +726,8 @@ fn config_parses_from_toml_and_check_names_the_field_and_the_fix() {
         ),
         (ConfluentRegistryConfig { timeout_ms: 0, ..base.clone() }, "timeout_ms is 0"),
         (ConfluentRegistryConfig { cache_capacity: Some(0), ..base.clone() }, "cache_capacity is 0"),
+        (ConfluentRegistryConfig { negative_cache_ms: 0, ..base.clone() }, "negative_cache_ms is 0; set it to at least 1"),
+        (ConfluentRegistryConfig { negative_cache_ms: 300_001, ..base.clone() }, "negative_cache_ms is 300001; set at most 300000"),
         (ConfluentRegistryConfig { ca_file: Some("".into()), ..base.clone() }, "ca_file is empty"),
     ];
     for (config, expected) in cases {

@@ -38,11 +38,19 @@
 //!
 //! - **By id**: ids are immutable, so a fetched schema is cached forever;
 //!   with `cache_capacity` the cache keeps at most that many schemas and
-//!   evicts the least recently used. Failures are never cached: an unknown id
-//!   is asked again next time (it may have been registered meanwhile).
+//!   evicts the least recently used.
+//! - **Negative answers**: an unknown id ([`RegistryError::UnknownId`]) and
+//!   an id whose schema cannot be used ([`RegistryError::Unusable`]) are
+//!   remembered for `negative_cache_ms` (default 10 s), measured on the
+//!   injected clock, so a burst of records carrying a bad id costs one
+//!   request, not one per record. After that the id is asked again: it may
+//!   have been registered meanwhile. At most [`NEGATIVE_CACHE_CAPACITY`] ids
+//!   are remembered (expired ones are dropped first, then the oldest).
+//!   Other failures are never cached.
 //! - **No stampede**: concurrent lookups of one uncached id are serialised by
-//!   a per-id lock; the first fetches, the others find the cache filled. A
-//!   failed fetch is not shared: the next waiter tries again itself.
+//!   a per-id lock; the first fetches, the others find the cache (positive or
+//!   negative) filled. A failure that is not cached is not shared: the next
+//!   waiter tries again itself.
 //! - **Registrations**: `(subject, full schema JSON)` → id, unbounded (a
 //!   process registers a handful of schemas). The key is the exact JSON sent,
 //!   not the Parsing Canonical Form: two schemas with the same canonical form
@@ -62,14 +70,19 @@
 //! | `5xx`, `408`, `429` | `Unavailable` | Retry |
 //! | connection refused/reset, timeout, body cut off mid-way | `Unavailable` | Retry |
 //! | TLS certificate not trusted (or expired, wrong host name) | `Invalid` | Fatal |
-//! | a complete `2xx` answer that is not the expected JSON, lacks the schema or id, is not Avro, uses schema references, or does not parse | `Invalid` | Fatal |
+//! | a complete `2xx` answer that is not the expected JSON, or lacks the schema or id | `Invalid` | Fatal |
+//! | a registry answer for a `JSON` or `PROTOBUF` schema (`schemaType`) | `Unusable` (`decode.schema_not_avro`) | Invalid (dead-letter) |
+//! | an Avro schema with `references` | `Unusable` (`decode.schema_references`) | Invalid (dead-letter) |
+//! | Avro schema text that does not parse | `Unusable` (`decode.schema_unparsable`) | Invalid (dead-letter) |
 //!
-//! Malformed answers are `Invalid` rather than `Unavailable` because a
-//! complete answer that is not schema-registry JSON comes from something that
-//! is not a schema registry (wrong host or port, a captive proxy) or from a
-//! registry holding content this client cannot use; waiting will not fix
-//! either, and the decode stage retries `Unavailable` forever. An answer cut
-//! off by the network is `Unavailable`.
+//! Answers that are not registry JSON are `Invalid` rather than
+//! `Unavailable` because a complete answer that is not schema-registry JSON
+//! comes from something that is not a schema registry (wrong host or port, a
+//! captive proxy); waiting will not fix it, and the decode stage retries
+//! `Unavailable` forever. An answer cut off by the network is `Unavailable`.
+//! A well-formed answer whose schema this client cannot decode with is
+//! different: the registry works, and only the records carrying that id are
+//! unusable, so they are dead-lettered and processing goes on.
 //!
 //! The password is read from the environment once, at construction; it is
 //! never logged and [`ConfluentRegistry`]'s `Debug` output omits it.
@@ -81,6 +94,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::clock::SharedClock;
 use apache_avro::Schema;
 use futures::future::BoxFuture;
 use schema_registry_converter::async_impl::schema_registry::{SrSettings, get_schema_by_id, post_schema};
@@ -89,11 +103,19 @@ use schema_registry_converter::schema_registry_common::{RawError, RegisteredSche
 use serde::{Deserialize, Deserializer};
 
 use super::registry::{RegistryError, SchemaRegistry};
+use super::wire::SchemaProblem;
 
 /// Registry URL used when none is configured (Confluent's default port).
 pub const DEFAULT_URL: &str = "http://localhost:8081";
 /// Default request timeout, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// Default time an unknown or unusable schema id is remembered, in milliseconds.
+pub const DEFAULT_NEGATIVE_CACHE_MS: u64 = 10_000;
+/// Longest accepted `negative_cache_ms`: a newly registered schema must not
+/// stay invisible for long.
+pub const MAX_NEGATIVE_CACHE_MS: u64 = 300_000;
+/// Most schema ids remembered as unknown or unusable at once.
+pub const NEGATIVE_CACHE_CAPACITY: usize = 10_000;
 
 /// Configuration of a [`ConfluentRegistry`].
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -120,6 +142,12 @@ pub struct ConfluentRegistryConfig {
     /// PEM file with extra root certificates (e.g. a private CA) trusted for
     /// `https://` URLs in addition to the system roots.
     pub ca_file: Option<PathBuf>,
+    /// How long an unknown schema id, or one whose schema cannot be used
+    /// (JSON/Protobuf, references, unparsable), is answered from memory
+    /// before the registry is asked again (1..=300000; default 10000). A
+    /// burst of records with such an id then costs one request; a schema
+    /// registered meanwhile is seen after at most this long.
+    pub negative_cache_ms: u64,
 }
 
 impl Default for ConfluentRegistryConfig {
@@ -131,6 +159,7 @@ impl Default for ConfluentRegistryConfig {
             timeout_ms: DEFAULT_TIMEOUT_MS,
             cache_capacity: None,
             ca_file: None,
+            negative_cache_ms: DEFAULT_NEGATIVE_CACHE_MS,
         }
     }
 }
@@ -204,6 +233,17 @@ impl ConfluentRegistryConfig {
         if self.timeout_ms == 0 {
             return Err("timeout_ms is 0; give each request at least 1 ms (default 10000)".into());
         }
+        if self.negative_cache_ms == 0 {
+            return Err(format!(
+                "negative_cache_ms is 0; set it to at least 1 (default {DEFAULT_NEGATIVE_CACHE_MS}), so that a burst of records with an unknown schema id does not ask the registry once per record"
+            ));
+        }
+        if self.negative_cache_ms > MAX_NEGATIVE_CACHE_MS {
+            return Err(format!(
+                "negative_cache_ms is {}; set at most {MAX_NEGATIVE_CACHE_MS} (5 minutes), or a newly registered schema stays unknown that long (default {DEFAULT_NEGATIVE_CACHE_MS})",
+                self.negative_cache_ms
+            ));
+        }
         if self.cache_capacity == Some(0) {
             return Err("cache_capacity is 0; set at least 1, or remove it for an unbounded cache".into());
         }
@@ -263,6 +303,9 @@ pub struct ConfluentRegistry {
     inflight: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
     /// (subject, schema JSON as sent) → id.
     registered: Mutex<HashMap<(String, String), u32>>,
+    /// Ids recently answered as unknown or unusable.
+    negative: Mutex<NegativeCache>,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for ConfluentRegistry {
@@ -281,7 +324,14 @@ impl ConfluentRegistry {
     /// `password_env`, loads `ca_file`, and builds the HTTP client (rustls
     /// with the ring provider, installed here if no provider is installed
     /// yet). Makes no request: an unreachable registry shows up on first use.
+    /// Negative answers expire on the system clock.
     pub fn new(config: ConfluentRegistryConfig) -> Result<Self, String> {
+        Self::with_clock(config, crate::clock::system())
+    }
+
+    /// [`ConfluentRegistry::new`] with the clock that times negative answers
+    /// (`negative_cache_ms`).
+    pub fn with_clock(config: ConfluentRegistryConfig, clock: SharedClock) -> Result<Self, String> {
         config.check()?;
         let password = match &config.password_env {
             None => None,
@@ -354,6 +404,8 @@ impl ConfluentRegistry {
             by_id: Mutex::new(IdCache::new(config.cache_capacity)),
             inflight: Mutex::new(HashMap::new()),
             registered: Mutex::new(HashMap::new()),
+            negative: Mutex::new(NegativeCache::new(config.negative_cache_ms as i64)),
+            clock,
         })
     }
 
@@ -367,9 +419,23 @@ impl ConfluentRegistry {
         lock(&self.by_id).entries.len()
     }
 
-    async fn fetch(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
+    /// Number of ids currently remembered as unknown or unusable (expired
+    /// ones included until they are swept).
+    pub fn negative_ids(&self) -> usize {
+        lock(&self.negative).entries.len()
+    }
+
+    /// The cached answer for `id`, positive or negative.
+    fn cached(&self, id: u32) -> Option<Result<Arc<Schema>, RegistryError>> {
         if let Some(schema) = lock(&self.by_id).get(id) {
-            return Ok(schema);
+            return Some(Ok(schema));
+        }
+        lock(&self.negative).get(id, self.clock.now_ms()).map(Err)
+    }
+
+    async fn fetch(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
+        if let Some(answer) = self.cached(id) {
+            return answer;
         }
         // One fetch per id at a time. Entries nobody holds any more are
         // swept here, so the map stays as small as the number of ids in
@@ -380,11 +446,22 @@ impl ConfluentRegistry {
             map.entry(id).or_default().clone()
         };
         let _guard = flight.lock_owned().await;
-        if let Some(schema) = lock(&self.by_id).get(id) {
-            return Ok(schema);
+        if let Some(answer) = self.cached(id) {
+            return answer;
         }
-        let registered = get_schema_by_id(id, &self.settings).await.map_err(|e| self.classify(&e, Call::ById(id)))?;
-        let schema = Arc::new(self.parse(id, &registered)?);
+        let answer = match get_schema_by_id(id, &self.settings).await {
+            Ok(registered) => self.parse(id, &registered),
+            Err(e) => Err(self.classify(&e, Call::ById(id))),
+        };
+        let schema = match answer {
+            Ok(schema) => Arc::new(schema),
+            Err(e @ (RegistryError::UnknownId(_) | RegistryError::Unusable { .. })) => {
+                tracing::debug!(id, registry = %self.target, reason = e.code(), "negative answer cached");
+                lock(&self.negative).insert(id, e.clone(), self.clock.now_ms());
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         tracing::debug!(id, registry = %self.target, "fetched schema from the registry");
         lock(&self.by_id).insert(id, schema.clone());
         Ok(schema)
@@ -402,28 +479,42 @@ impl ConfluentRegistry {
             post_schema(&self.settings, key.0.clone(), supplied).await.map_err(|e| self.classify(&e, Call::Register(&key.0)))?;
         tracing::debug!(subject = %key.0, id = registered.id, registry = %self.target, "schema registered");
         let id = registered.id;
+        // The id exists now, whatever a look-up said a moment ago.
+        lock(&self.negative).entries.remove(&id);
         lock(&self.registered).insert(key, id);
         Ok(id)
     }
 
-    /// A registry answer → an Avro schema.
+    /// A registry answer → an Avro schema. A schema this client cannot
+    /// decode with is [`RegistryError::Unusable`]: the records carrying its
+    /// id are bad, the registry is fine.
     fn parse(&self, id: u32, registered: &SrRegisteredSchema) -> Result<Schema, RegistryError> {
+        let unusable = |problem, message| RegistryError::Unusable { id, problem, message };
         if registered.schema_type != SchemaType::Avro {
-            return Err(RegistryError::Invalid(format!(
-                "schema id {id} at {} is a {:?} schema, not Avro",
-                self.target, registered.schema_type
-            )));
+            let kind = match &registered.schema_type {
+                SchemaType::Json => "JSON".to_string(),
+                SchemaType::Protobuf => "PROTOBUF".to_string(),
+                SchemaType::Other(other) => other.clone(),
+                other => format!("{other:?}"),
+            };
+            return Err(unusable(
+                SchemaProblem::NotAvro,
+                format!("schema id {id} at {} is a {kind} schema, not Avro; produce this topic with an Avro serializer", self.target),
+            ));
         }
         if !registered.references.is_empty() {
             let refs: Vec<String> = registered.references.iter().map(|r| format!("{} ({} v{})", r.name, r.subject, r.version)).collect();
-            return Err(RegistryError::Invalid(format!(
-                "schema id {id} at {} references other schemas [{}]; schema references are not supported, register self-contained schemas",
-                self.target,
-                refs.join(", ")
-            )));
+            return Err(unusable(
+                SchemaProblem::References,
+                format!(
+                    "schema id {id} at {} references other schemas [{}]; schema references are not supported, register self-contained schemas",
+                    self.target,
+                    refs.join(", ")
+                ),
+            ));
         }
         Schema::parse_str(&registered.schema)
-            .map_err(|e| RegistryError::Invalid(format!("schema id {id} at {} is not a valid Avro schema: {e}", self.target)))
+            .map_err(|e| unusable(SchemaProblem::Unparsable, format!("schema id {id} at {} is not a valid Avro schema: {e}", self.target)))
     }
 
     /// Sorts a `schema_registry_converter` error into a [`RegistryError`]
@@ -579,6 +670,43 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// id → a negative answer and when it expires (ms on the registry's clock).
+struct NegativeCache {
+    ttl_ms: i64,
+    entries: HashMap<u32, (RegistryError, i64)>,
+}
+
+impl NegativeCache {
+    fn new(ttl_ms: i64) -> Self {
+        Self { ttl_ms, entries: HashMap::new() }
+    }
+
+    /// The answer for `id`, unless it has expired at `now`.
+    fn get(&mut self, id: u32, now: i64) -> Option<RegistryError> {
+        match self.entries.get(&id) {
+            Some((error, expires)) if now < *expires => Some(error.clone()),
+            Some(_) => {
+                self.entries.remove(&id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, id: u32, error: RegistryError, now: i64) {
+        if self.entries.len() >= NEGATIVE_CACHE_CAPACITY && !self.entries.contains_key(&id) {
+            self.entries.retain(|_, (_, expires)| now < *expires);
+            while self.entries.len() >= NEGATIVE_CACHE_CAPACITY {
+                let Some(oldest) = self.entries.iter().min_by_key(|(_, (_, expires))| *expires).map(|(&k, _)| k) else {
+                    break;
+                };
+                self.entries.remove(&oldest);
+            }
+        }
+        self.entries.insert(id, (error, now.saturating_add(self.ttl_ms)));
+    }
+}
+
 /// id → schema, optionally bounded, least recently used evicted first.
 struct IdCache {
     capacity: Option<usize>,
@@ -639,6 +767,26 @@ mod tests {
             unbounded.insert(id, schema("A"));
         }
         assert_eq!(unbounded.entries.len(), 100);
+    }
+
+    #[test]
+    fn negative_answers_expire_and_the_cache_stays_bounded() {
+        let mut cache = NegativeCache::new(100);
+        cache.insert(1, RegistryError::UnknownId(1), 1_000);
+        assert_eq!(cache.get(1, 1_099), Some(RegistryError::UnknownId(1)));
+        assert_eq!(cache.get(1, 1_100), None, "expired at insert + ttl");
+        assert!(cache.entries.is_empty(), "an expired entry is dropped when seen");
+        for id in 0..NEGATIVE_CACHE_CAPACITY as u32 {
+            cache.insert(id, RegistryError::UnknownId(id), 2_000 + i64::from(id));
+        }
+        assert_eq!(cache.entries.len(), NEGATIVE_CACHE_CAPACITY);
+        cache.insert(u32::MAX, RegistryError::UnknownId(u32::MAX), 2_050);
+        assert_eq!(cache.entries.len(), NEGATIVE_CACHE_CAPACITY, "full: the oldest made room");
+        assert_eq!(cache.get(0, 2_050), None, "id 0 expired first and was evicted");
+        assert!(cache.get(u32::MAX, 2_050).is_some());
+        // Once entries have expired, a full cache sweeps them instead.
+        cache.insert(7_777_777, RegistryError::UnknownId(7), 1_000_000);
+        assert_eq!(cache.entries.len(), 1);
     }
 
     #[test]

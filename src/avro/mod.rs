@@ -18,6 +18,12 @@
 //! This is how a record written with `AtomIngestionRequest` v1 is read as v2:
 //! fields added since v1 take their defaults.
 //!
+//! Between the registry and the decoder, [`Decoder`] checks each writer
+//! schema once per id: it must be the type the topic carries, and data of a
+//! recursive schema is walked with a depth limit before it is decoded
+//! ([`decoder`], [`depth`]). Every way a record can be malformed is a
+//! per-record [`WireError`] with a stable reason code, never a crash.
+//!
 //! # Registry
 //!
 //! A [`SchemaRegistry`] maps ids to schemas and registers schemas under
@@ -25,8 +31,8 @@
 //! schema of topic `t` lives under subject `t-value` ([`Schemas::subject`]).
 //! Registration is register-or-lookup: the same schema (by Parsing Canonical
 //! Form) under the same subject always returns the same id. The embedded
-//! default is [`FileRegistry`], a JSON file in the data directory; a
-//! Confluent HTTP client can implement the same trait.
+//! default is [`FileRegistry`], a JSON file in the data directory;
+//! [`confluent::ConfluentRegistry`] talks to a Confluent-compatible registry.
 //!
 //! # Bundled schemas
 //!
@@ -41,16 +47,19 @@ use std::sync::{Arc, OnceLock};
 use apache_avro::Schema;
 
 pub mod confluent;
+pub mod decoder;
+pub mod depth;
 pub mod json;
 pub mod registry;
 pub mod wire;
 
+pub use decoder::{Decoder, decode_message};
 pub use json::{JsonError, avro_to_json, json_to_avro, parse_line};
 pub use registry::{
     BundledRegistration, DecodeError, FileRegistry, RegisteredSchema, RegistryError,
-    SchemaRegistry, decode_message,
+    SchemaRegistry,
 };
-pub use wire::{WireError, decode, encode, split};
+pub use wire::{SchemaProblem, WireError, decode, encode, split};
 
 /// Namespace of every bundled schema.
 pub const NAMESPACE: &str = "io.hartonomous";

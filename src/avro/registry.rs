@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use apache_avro::Schema;
-use apache_avro::types::Value;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use super::Schemas;
-use super::wire::{self, WireError};
+use super::wire::{SchemaProblem, WireError};
 use crate::outcome::{Classify, ErrorClass};
 
 /// Why a registry call failed.
@@ -29,9 +28,17 @@ pub enum RegistryError {
     Unavailable(String),
     /// The registry's content or the request is unusable: a corrupt registry
     /// file, a stored schema that does not parse, an unknown bundled schema
-    /// name. Retrying will not help.
+    /// name, a registry that is not one or refuses access. Retrying will not
+    /// help, and every record would fail the same way: fatal.
     #[error("schema registry error: {0}")]
     Invalid(String),
+    /// Schema `id` exists but cannot be decoded with: a JSON or Protobuf
+    /// schema, an Avro schema with references, Avro text that does not
+    /// parse. Like [`RegistryError::UnknownId`], a property of the records
+    /// that carry this id (reason [`SchemaProblem::code`]), not of the
+    /// registry: they are dead-lettered and processing goes on.
+    #[error("{message}")]
+    Unusable { id: u32, problem: SchemaProblem, message: String },
 }
 
 impl RegistryError {
@@ -41,6 +48,7 @@ impl RegistryError {
             RegistryError::UnknownId(_) => "decode.unknown_schema",
             RegistryError::Unavailable(_) => "registry.unavailable",
             RegistryError::Invalid(_) => "registry.invalid",
+            RegistryError::Unusable { problem, .. } => problem.code(),
         }
     }
 }
@@ -48,7 +56,7 @@ impl RegistryError {
 impl Classify for RegistryError {
     fn class(&self) -> ErrorClass {
         match self {
-            RegistryError::UnknownId(_) => ErrorClass::Invalid,
+            RegistryError::UnknownId(_) | RegistryError::Unusable { .. } => ErrorClass::Invalid,
             RegistryError::Unavailable(_) => ErrorClass::Retry,
             RegistryError::Invalid(_) => ErrorClass::Fatal,
         }
@@ -61,8 +69,11 @@ impl Classify for RegistryError {
 /// and a Confluent HTTP client):
 ///
 /// - **`schema_by_id`** returns the writer schema registered under `id`, or
-///   [`RegistryError::UnknownId`] if there is none. An id, once assigned,
-///   always names the same schema, so callers may cache the result forever.
+///   [`RegistryError::UnknownId`] if there is none, or
+///   [`RegistryError::Unusable`] if the schema under `id` cannot be used to
+///   decode. An id, once assigned, always names the same schema, so callers
+///   may cache a schema forever; negative answers may be cached briefly (an
+///   id may be registered later).
 /// - **`register`** is register-or-lookup. If `schema` (compared by Parsing
 ///   Canonical Form, [`Schema::canonical_form`]) is already registered under
 ///   `subject` it returns the existing id and changes nothing; otherwise it
@@ -72,8 +83,11 @@ impl Classify for RegistryError {
 ///   [`Schemas::subject`]). Registration does not check compatibility;
 ///   compatible evolution is the job of the bundled schemas and their tests.
 /// - Failures to reach or update the registry are
-///   [`RegistryError::Unavailable`] (retry); a registry whose content is
-///   unusable is [`RegistryError::Invalid`] (fatal).
+///   [`RegistryError::Unavailable`] (retry); a registry that is unusable as a
+///   whole (corrupt, not a registry, refusing access) is
+///   [`RegistryError::Invalid`] (fatal); one schema that cannot be decoded
+///   with is [`RegistryError::Unusable`] (invalid: its records are
+///   dead-lettered).
 ///
 /// Methods return boxed futures so the trait is dyn-compatible
 /// (`Arc<dyn SchemaRegistry>`). The futures borrow only `self`:
@@ -89,14 +103,19 @@ pub trait SchemaRegistry: Send + Sync {
 }
 
 /// A framed message that failed to decode: either the record is bad
-/// ([`DecodeError::Invalid`], dead-letter it with [`WireError::code`]) or the
-/// registry failed ([`DecodeError::Registry`], classified by the registry).
+/// ([`DecodeError::Invalid`], dead-letter it with [`WireError::code`]), or
+/// the registry failed ([`DecodeError::Registry`], classified by the
+/// registry), or the decoder could not run ([`DecodeError::Unavailable`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error(transparent)]
     Invalid(#[from] WireError),
     #[error(transparent)]
     Registry(RegistryError),
+    /// The thread that decodes deeply nested data could not be started (the
+    /// process is out of threads or memory): transient, retry.
+    #[error("decoder unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl DecodeError {
@@ -105,15 +124,18 @@ impl DecodeError {
         match self {
             DecodeError::Invalid(e) => e.code(),
             DecodeError::Registry(e) => e.code(),
+            DecodeError::Unavailable(_) => "decode.unavailable",
         }
     }
 }
 
 impl From<RegistryError> for DecodeError {
-    /// An unknown id is the record's fault; anything else is the registry's.
+    /// An unknown or unusable id is the record's fault; anything else is
+    /// the registry's.
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::UnknownId(id) => DecodeError::Invalid(WireError::UnknownSchema(id)),
+            RegistryError::Unusable { id, problem, message } => DecodeError::Invalid(WireError::UnusableSchema { id, problem, message }),
             other => DecodeError::Registry(other),
         }
     }
@@ -124,22 +146,12 @@ impl Classify for DecodeError {
         match self {
             DecodeError::Invalid(e) => e.class(),
             DecodeError::Registry(e) => e.class(),
+            DecodeError::Unavailable(_) => ErrorClass::Retry,
         }
     }
 }
 
-/// Decodes a framed message: splits the header, fetches the writer schema
-/// from `registry`, decodes and resolves to `reader`. Returns the writer
-/// schema id with the value.
-pub async fn decode_message(
-    registry: &dyn SchemaRegistry,
-    reader: &Schema,
-    bytes: &[u8],
-) -> Result<(u32, Value), DecodeError> {
-    let (id, body) = wire::split(bytes)?;
-    let writer = registry.schema_by_id(id).await?;
-    Ok((id, wire::decode(&writer, reader, body)?))
-}
+pub use super::decoder::decode_message;
 
 /// One registered (subject, version) and its schema.
 #[derive(Debug, Clone)]
@@ -447,9 +459,11 @@ fn persist(path: &Path, entries: &[Entry]) -> Result<(), RegistryError> {
 mod tests {
     use std::collections::BTreeMap;
 
+    use apache_avro::types::Value;
     use futures::executor::block_on;
 
     use super::*;
+    use crate::avro::wire;
     use crate::atom::AtomIngestionRequest;
     use crate::avro::{ATOM_INGESTED, ATOM_INGESTION_REQUEST, DEAD_LETTER};
 
@@ -540,6 +554,26 @@ mod tests {
         let direct = block_on(registry.schema_by_id(99)).unwrap_err();
         assert_eq!(direct, RegistryError::UnknownId(99));
         assert_eq!(direct.code(), "decode.unknown_schema");
+    }
+
+    #[test]
+    fn unusable_schema_is_a_per_record_rejection_with_its_code() {
+        let cases = [
+            (SchemaProblem::NotAvro, "decode.schema_not_avro"),
+            (SchemaProblem::References, "decode.schema_references"),
+            (SchemaProblem::Unparsable, "decode.schema_unparsable"),
+        ];
+        for (problem, code) in cases {
+            let e = RegistryError::Unusable { id: 5, problem, message: "schema id 5 is unusable".into() };
+            assert_eq!((e.code(), e.class()), (code, ErrorClass::Invalid));
+            assert_eq!(e.to_string(), "schema id 5 is unusable");
+            let d = DecodeError::from(e);
+            assert!(matches!(&d, DecodeError::Invalid(WireError::UnusableSchema { id: 5, .. })), "{d:?}");
+            assert_eq!((d.code(), d.class()), (code, ErrorClass::Invalid));
+        }
+        // What shows the registry itself is wrong stays fatal.
+        let d = DecodeError::from(RegistryError::Invalid("HTTP 401".into()));
+        assert_eq!(d.class(), ErrorClass::Fatal);
     }
 
     #[test]

@@ -48,6 +48,48 @@ pub enum WireError {
     /// The value does not conform to the schema it is encoded with.
     #[error("cannot encode value: {0}")]
     Encode(String),
+    /// The schema id resolves, but to a schema this client cannot decode
+    /// with (not Avro, with references, unparsable); see
+    /// [`SchemaProblem`]. A property of the record, not of the registry.
+    #[error("{message}")]
+    UnusableSchema { id: u32, problem: SchemaProblem, message: String },
+    /// The writer schema is valid Avro but not the type this topic carries:
+    /// not a record with the reader's name (or one of its aliases).
+    #[error("schema id {id} is {writer}, but this topic carries records of type `{expected}`")]
+    WrongSchema {
+        id: u32,
+        /// The writer schema, described: e.g. record `x.Y`, or type `"string"`.
+        writer: String,
+        /// Full name of the reader schema.
+        expected: String,
+    },
+    /// The data nests deeper than `limit` levels under a recursive (or
+    /// otherwise very deep) writer schema (see [`super::depth`]).
+    #[error("data nests deeper than {limit} levels of records, arrays and maps under writer schema id {id}")]
+    TooDeep { id: u32, limit: usize },
+}
+
+/// Why a registered schema cannot be used to decode, each with its own
+/// reason code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaProblem {
+    /// A JSON Schema or Protobuf schema (registry `schemaType` other than AVRO).
+    NotAvro,
+    /// An Avro schema that imports other subjects through `references`.
+    References,
+    /// Avro schema text that does not parse.
+    Unparsable,
+}
+
+impl SchemaProblem {
+    /// Stable reason code.
+    pub fn code(self) -> &'static str {
+        match self {
+            SchemaProblem::NotAvro => "decode.schema_not_avro",
+            SchemaProblem::References => "decode.schema_references",
+            SchemaProblem::Unparsable => "decode.schema_unparsable",
+        }
+    }
 }
 
 impl WireError {
@@ -60,6 +102,9 @@ impl WireError {
             WireError::Body(_) => "decode.body",
             WireError::TrailingBytes(_) => "decode.trailing_bytes",
             WireError::Encode(_) => "encode.failed",
+            WireError::UnusableSchema { problem, .. } => problem.code(),
+            WireError::WrongSchema { .. } => "decode.wrong_schema",
+            WireError::TooDeep { .. } => "decode.too_deep",
         }
     }
 }

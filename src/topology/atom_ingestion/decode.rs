@@ -3,10 +3,17 @@
 //! A record is Avro in the Confluent wire format (magic byte 0, 4-byte
 //! big-endian schema id, Avro body), decoded with its writer schema from the
 //! registry and resolved to the current reader schema, so records written
-//! with an older compatible schema decode too. A record whose `content-type`
-//! header is `application/json` is instead a JSON object with the schema's
-//! field names (for hand-written test input), checked against the same
-//! reader schema.
+//! with an older compatible schema decode too. The writer schema is checked
+//! once per id by [`avro::Decoder`]: a schema id that is unknown, not Avro,
+//! uses references, does not parse, or names another type, and data nested
+//! too deep under a recursive schema, are dead-lettered with their own
+//! reason (`decode.*`), never fatal. Only a registry that is unreachable
+//! (retried with backoff) or wrong for every record (fatal: bad URL or
+//! credentials, untrusted certificate, not a registry) stops anything.
+//!
+//! A record whose `content-type` header is `application/json` is instead a
+//! JSON object with the schema's field names (for hand-written test input),
+//! checked against the same reader schema.
 
 use std::sync::Arc;
 
@@ -14,7 +21,7 @@ use apache_avro::Schema;
 use apache_avro::types::Value;
 
 use crate::atom::AtomIngestionRequest;
-use crate::avro::{self, DecodeError, SchemaRegistry};
+use crate::avro::{self, DecodeError, Decoder, SchemaRegistry};
 use crate::flow::{Item, Stage};
 use crate::outcome::{Classify, ErrorClass, Fatal, Outcome, Rejection};
 use crate::record::Record;
@@ -23,8 +30,7 @@ use crate::resilience::{Attempted, BreakerConfig, CircuitBreaker, Resilient, Ret
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
 pub struct Decode {
-    registry: Arc<dyn SchemaRegistry>,
-    reader: Arc<Schema>,
+    decoder: Decoder,
     resilient: Resilient,
 }
 
@@ -32,21 +38,21 @@ impl Decode {
     pub fn new(registry: Arc<dyn SchemaRegistry>, reader: Arc<Schema>, clock: crate::clock::SharedClock) -> Self {
         let breaker = Arc::new(CircuitBreaker::new("schema-registry", BreakerConfig::default()));
         let retry = RetryConfig { max_attempts: 0, ..RetryConfig::default() };
-        Self { registry, reader, resilient: Resilient::new(retry, breaker, clock) }
+        Self { decoder: Decoder::new(registry, reader), resilient: Resilient::new(retry, breaker, clock) }
     }
 
     async fn value(&self, record: &Record) -> Result<Value, Result<Rejection, Fatal>> {
         let media = record.headers.get_str("content-type").map(|v| v.split(';').next().unwrap_or("").trim());
         if media.is_some_and(|m| m.eq_ignore_ascii_case(JSON_CONTENT_TYPE)) {
             let json = avro::parse_line(&record.payload).map_err(|e| Ok(Rejection::new(e.code(), e.to_string())))?;
-            return avro::json_to_avro(&json, &self.reader).map_err(|e| Ok(Rejection::new(e.code(), e.to_string())));
+            return avro::json_to_avro(&json, self.decoder.reader()).map_err(|e| Ok(Rejection::new(e.code(), e.to_string())));
         }
-        let registry = self.registry.as_ref();
+        let decoder = &self.decoder;
         // The common case needs no retry machinery (no timer per record): only
         // a registry that is unavailable goes through backoff and the breaker.
-        let first = avro::decode_message(registry, &self.reader, &record.payload).await;
+        let first = decoder.decode(&record.payload).await;
         let result = match first {
-            Err(e) if e.class() == ErrorClass::Retry => self.resilient.call(|| avro::decode_message(registry, &self.reader, &record.payload)).await,
+            Err(e) if e.class() == ErrorClass::Retry => self.resilient.call(|| decoder.decode(&record.payload)).await,
             Err(error) => {
                 let class = error.class();
                 Err(Attempted::Rejected { error, class, attempts: 1 })
