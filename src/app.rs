@@ -37,7 +37,7 @@ pub struct Embedded {
 impl Embedded {
     pub fn open(profile: &Profile, clock: SharedClock) -> anyhow::Result<Self> {
         let dir = profile.data_dir();
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
+        crate::config::create_private_dir(dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
         let store = Arc::new(EmbeddedStore::open(dir)?);
         let registry = Arc::new(FileRegistry::open(profile.registry_path().unwrap_or_else(|| dir.join("registry.json")))?);
         let embedder = build_embedder(&profile.embedder, clock.clone())?;
@@ -89,7 +89,8 @@ pub async fn open_registry(profile: &Profile, topic: &str, name: &str) -> anyhow
         RegistryProfile::File(_) => {
             let path = profile.registry_path().expect("file registry has a path");
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
+                crate::config::create_private_dir(parent)
+                    .map_err(|e| anyhow::anyhow!("cannot create the registry's directory {}: {e}", parent.display()))?;
             }
             let registry = FileRegistry::open(&path)?;
             registry.register_bundled(&[(topic, name)])?;
@@ -102,8 +103,9 @@ pub async fn open_registry(profile: &Profile, topic: &str, name: &str) -> anyhow
 pub async fn open_store(profile: &Profile) -> anyhow::Result<Arc<dyn AtomStore>> {
     Ok(match &profile.store {
         StoreProfile::Embedded(_) => {
-            std::fs::create_dir_all(profile.data_dir())?;
-            Arc::new(EmbeddedStore::open(profile.data_dir())?)
+            let dir = profile.data_dir();
+            crate::config::create_private_dir(dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
+            Arc::new(EmbeddedStore::open(dir)?)
         }
         // `connect` applies the DDL itself when `migrate_on_start` is set.
         StoreProfile::Clickhouse(c) => Arc::new(ClickHouseStore::connect(c.clone()).await?),

@@ -199,6 +199,20 @@ impl Profile {
     }
 }
 
+/// Creates `dir`, and any missing parent, readable only by its owner (mode
+/// 0700 on Unix, lowered further by the umask, never widened): the data
+/// directory holds the stored content and the schema registry. An existing
+/// directory is left as it is, mode included: an operator who widened it on
+/// purpose keeps that. Every place that creates the data directory or the
+/// registry file's directory goes through here.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 fn set_path(doc: &mut toml::Table, fields: &[String], value: toml::Value) -> Result<(), String> {
     let (last, parents) = fields.split_last().ok_or("names no field")?;
     let mut table = doc;
@@ -226,6 +240,25 @@ mod tests {
         let p = Profile::parse(Path::new("e.toml"), EMBEDDED_PROFILE, env(&[("HARTONOMOUS_DATA_DIR", "/tmp/x"), ("HARTONOMOUS__EMBEDDER__DIMENSION", "64")])).unwrap();
         assert_eq!(p.data_dir(), Path::new("/tmp/x"));
         assert!(matches!(p.embedder, EmbedderProfile::Hashing(HashingProfile { dimension: 64, .. })));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_dirs_are_owner_only_and_existing_ones_are_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let nested = tmp.path().join("a").join("data");
+        create_private_dir(&nested).unwrap();
+        assert_eq!(mode(&nested), 0o700);
+        assert_eq!(mode(&tmp.path().join("a")), 0o700, "missing parents too");
+        create_private_dir(&nested).unwrap();
+
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&shared).unwrap();
+        assert_eq!(mode(&shared), 0o755, "an existing directory keeps its mode");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod outcome;
 pub mod record;
 pub mod resilience;
 pub mod store;
+pub mod tls;
 pub mod avro;
 pub mod dead_letter;
 pub mod flow;

@@ -63,7 +63,8 @@ enum Command {
         #[arg(long)]
         schema_version: Option<u32>,
     },
-    /// Run SQL against the store (tables: atoms, dead_letters; on ClickHouse also atoms_per_source_hour).
+    /// Run read-only SQL against the store (tables: atoms, dead_letters; on ClickHouse also
+    /// atoms_per_source_hour). Creates nothing and migrates nothing; works for a read-only ClickHouse user.
     Query { sql: String },
     /// Apply the ClickHouse DDL in schemas/clickhouse/ (idempotent).
     Migrate,
@@ -218,7 +219,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let profile = Profile::load(cli.connectors.as_deref())?;
             let path = profile.registry_path().ok_or_else(|| anyhow::anyhow!("the profile's registry is not a file registry"))?;
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
+                hartonomous::config::create_private_dir(parent)
+                    .map_err(|e| anyhow::anyhow!("cannot create the registry's directory {}: {e}", parent.display()))?;
             }
             let registry = FileRegistry::open(&path)?;
             for (name, _) in topology::BUNDLED {
@@ -230,15 +232,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 println!("{:>4}  {}  v{}  {}", s.id, s.subject, s.version, s.schema.canonical_form());
             }
         }
+        // Reads only: creates no directory, file, database or table, and
+        // runs no migration, so a read-only ClickHouse user can run it.
         Command::Query { sql } => {
             let profile = Profile::load(cli.connectors.as_deref())?;
             match &profile.store {
                 StoreProfile::Embedded(_) => {
-                    let store = hartonomous::store::embedded::EmbeddedStore::open(profile.data_dir())?;
+                    let store = hartonomous::store::embedded::EmbeddedStore::open_read_only(profile.data_dir())?;
                     println!("{}", store.query_to_string(&sql).await?);
                 }
                 StoreProfile::Clickhouse(c) => {
-                    let store = ClickHouseStore::connect(c.clone()).await?;
+                    let store = ClickHouseStore::connect_for_query(c.clone()).await?;
                     print!("{}", store.query_text(&sql).await?);
                 }
             }

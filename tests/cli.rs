@@ -172,3 +172,188 @@ fn schemas_lists_stable_ids_for_other_producers() {
     assert_eq!(ids, vec!["1", "2"], "{first}");
     assert!(first.contains("created_at_ms"), "version 2 adds created_at_ms: {first}");
 }
+
+// --- Side effects: `query` creates nothing, the data directory is private ----
+
+/// Every entry under `dir`, recursively, as paths relative to it (sorted).
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            out.push(path.strip_prefix(dir).unwrap().display().to_string());
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn query_on_a_fresh_embedded_data_directory_leaves_the_disk_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    // An existing, empty data directory: answered over empty tables.
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    let out = ok(hartonomous(&fresh, &["query", "SELECT count(*) AS atoms FROM atoms"]));
+    assert_eq!(cell(&out), "0");
+    ok(hartonomous(&fresh, &["query", "SELECT count(*) FROM dead_letters"]));
+    assert_eq!(tree(&fresh), Vec::<String>::new(), "query created something in {}", fresh.display());
+
+    // A data directory that does not exist stays that way.
+    let absent = dir.path().join("absent").join("data");
+    assert_eq!(cell(&ok(hartonomous(&absent, &["query", "SELECT count(*) FROM atoms"]))), "0");
+    assert!(!dir.path().join("absent").exists(), "query created the data directory");
+
+    // A populated one answers from its tables and gains nothing.
+    let data = dir.path().join("data");
+    ok(hartonomous(&data, &["demo"]));
+    let before = tree(&data);
+    assert_eq!(cell(&ok(hartonomous(&data, &["query", "SELECT count(*) FROM atoms"]))), "16");
+    assert_eq!(tree(&data), before);
+}
+
+#[cfg(unix)]
+#[test]
+fn demo_and_schemas_create_the_data_directory_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("new").join("data");
+    ok(hartonomous(&data, &["demo"]));
+    assert_eq!(mode(&data), 0o700, "data directory {}", data.display());
+    assert_eq!(mode(&dir.path().join("new")), 0o700, "its missing parent too");
+
+    let other = dir.path().join("schemas-data");
+    ok(hartonomous(&other, &["schemas"]));
+    assert_eq!(mode(&other), 0o700, "the registry file's directory");
+
+    // An existing directory keeps the mode its owner gave it.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o750)).unwrap();
+    ok(hartonomous(&shared, &["demo"]));
+    assert_eq!(mode(&shared), 0o750);
+}
+
+// --- `query` against ClickHouse (tests/services.sh up) ---------------------
+
+fn clickhouse_url() -> String {
+    std::env::var("HARTONOMOUS_TEST_CLICKHOUSE").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "http://127.0.0.1:18123".into())
+}
+
+/// `sql` POSTed to ClickHouse's HTTP interface as the `default` user; the
+/// answer's body. Panics, saying how to start the server, when it is not there.
+fn clickhouse(sql: &str) -> String {
+    clickhouse_as("default", sql)
+}
+
+fn clickhouse_as(user: &str, sql: &str) -> String {
+    use std::io::{Read, Write};
+    let url = reqwest::Url::parse(&clickhouse_url()).unwrap();
+    let (host, port) = (url.host_str().unwrap_or("127.0.0.1").to_string(), url.port_or_known_default().unwrap_or(8123));
+    let mut stream = std::net::TcpStream::connect((host.as_str(), port)).unwrap_or_else(|e| {
+        panic!("ClickHouse is not reachable at {url} ({e}); start it with `tests/services.sh up`, or set HARTONOMOUS_TEST_CLICKHOUSE")
+    });
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    write!(stream, "POST /?user={user} HTTP/1.0\r\nHost: {host}:{port}\r\nContent-Length: {}\r\n\r\n{sql}", sql.len()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{sql}: {response}");
+    body.to_string()
+}
+
+/// A database name of its own; dropped on drop.
+struct ClickHouseDb(String);
+
+impl ClickHouseDb {
+    fn new() -> Self {
+        assert_eq!(clickhouse("SELECT 1").trim(), "1");
+        Self(format!("hartonomous_cli_{}_{:08x}", std::process::id(), rand::random::<u32>()))
+    }
+
+    fn exists(&self) -> bool {
+        clickhouse(&format!("SELECT count() FROM system.databases WHERE name = '{}'", self.0)).trim() == "1"
+    }
+
+    /// A profile for this database as `user`, written to `dir/<user>.toml`.
+    fn profile(&self, dir: &Path, user: &str) -> std::path::PathBuf {
+        let path = dir.join(format!("{user}.toml"));
+        let text = format!(
+            "data_dir = \"{}\"\n[log]\nkind = \"embedded\"\n[store]\nkind = \"clickhouse\"\nurl = \"{}\"\ndatabase = \"{}\"\n\
+             user = \"{user}\"\nmigrate_on_start = true\n[embedder]\nkind = \"hashing\"\ndimension = 8\n",
+            dir.join("data").display(),
+            clickhouse_url(),
+            self.0
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for ClickHouseDb {
+    fn drop(&mut self) {
+        // Not `clickhouse()`: a panic while panicking would abort.
+        let _ = std::panic::catch_unwind(|| clickhouse(&format!("DROP DATABASE IF EXISTS {}", self.0)));
+    }
+}
+
+fn with_profile(dir: &Path, profile: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--connectors", profile.to_str().unwrap()];
+    all.extend_from_slice(args);
+    hartonomous(&dir.join("data"), &all)
+}
+
+#[test]
+fn query_works_for_a_readonly_clickhouse_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ClickHouseDb::new();
+    let writer = db.profile(dir.path(), "default");
+    let reader = db.profile(dir.path(), "reader");
+    // `reader` (tests/services/clickhouse/users.xml) has a `readonly = 1` profile.
+    assert_eq!(clickhouse_as("reader", "SELECT value FROM system.settings WHERE name = 'readonly'").trim(), "1");
+
+    // The reader can neither create the database nor migrate it.
+    let refused = with_profile(dir.path(), &reader, &["migrate"]);
+    assert!(!refused.status.success(), "a readonly = 1 user migrated");
+    assert!(!db.exists());
+
+    ok(with_profile(dir.path(), &writer, &["migrate"]));
+    clickhouse(&format!(
+        "INSERT INTO {}.atoms (content_hash, content_type, content, source_system) VALUES ('{}', 'text/plain', 'hello', 'cli-reader')",
+        db.0,
+        "a".repeat(64)
+    ));
+
+    let out = ok(with_profile(
+        dir.path(),
+        &reader,
+        &["query", "SELECT source_system, count() AS n FROM atoms FINAL GROUP BY source_system"],
+    ));
+    assert!(out.contains("cli-reader") && out.contains(" 1 "), "{out}");
+    assert!(!out.contains('\u{1b}'), "terminal escapes left in: {out:?}");
+    let tables = ok(with_profile(dir.path(), &reader, &["query", "SHOW TABLES"]));
+    assert!(tables.contains("atoms") && tables.contains("dead_letters"), "{tables}");
+    // The first-keyword check still stands in front of the server.
+    let write = with_profile(dir.path(), &reader, &["query", "INSERT INTO atoms (content) VALUES ('x')"]);
+    assert!(!write.status.success());
+    assert!(String::from_utf8_lossy(&write.stderr).contains("only read-only statements"));
+    assert!(!dir.path().join("data").exists(), "query on ClickHouse touched the local data directory");
+}
+
+#[test]
+fn query_against_a_missing_clickhouse_database_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = ClickHouseDb::new();
+    // `default` could create it, and migrate_on_start is set: query must do neither.
+    let profile = db.profile(dir.path(), "default");
+    let out = with_profile(dir.path(), &profile, &["query", "SELECT count() FROM atoms"]);
+    assert!(!out.status.success(), "query succeeded on a database that does not exist");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&db.0) && err.contains("does not exist") && err.contains("migrate"), "{err}");
+    assert!(!db.exists(), "query created database {}", db.0);
+}

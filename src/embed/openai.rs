@@ -10,8 +10,14 @@
 //! exponential backoff, a per-attempt deadline and one circuit breaker for
 //! this embedder's service. What is retried and what is final is decided in
 //! one place, [`classify`].
+//!
+//! `https://` services are reached with rustls on ring; their certificate
+//! must chain to a system root or to a certificate in
+//! [`OpenAiConfig::ca_file`]. One that does not is a setup problem
+//! ([`EmbedError::Misconfigured`]), never retried.
 
 use crate::outcome::error_chain;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +39,12 @@ pub struct OpenAiConfig {
     /// Root of the service, e.g. `http://127.0.0.1:8080`. A trailing `/` and
     /// a trailing `/v1` are both accepted; `/v1/embeddings` is appended.
     pub base_url: String,
+    /// PEM file of extra root certificates (e.g. a private CA) trusted for an
+    /// `https://` base_url, in addition to the system's roots. Checked (it
+    /// must hold PEM certificates) by [`check`](Self::check). A service
+    /// certificate that chains to neither makes every request fail as
+    /// misconfigured, with a message naming this field.
+    pub ca_file: Option<PathBuf>,
     /// Model name sent in every request and recorded with each atom.
     pub model: String,
     /// Length of the vectors the model returns; every answer is checked
@@ -57,6 +69,7 @@ impl Default for OpenAiConfig {
     fn default() -> Self {
         Self {
             base_url: "http://127.0.0.1:8080".into(),
+            ca_file: None,
             model: String::new(),
             dimension: 0,
             max_batch: 64,
@@ -74,7 +87,8 @@ impl OpenAiConfig {
         Self { base_url: base_url.into(), model: model.into(), dimension, ..Self::default() }
     }
 
-    /// Checks that the values make sense; the error names the field and the fix.
+    /// Checks that the values make sense; the error names the field and the
+    /// fix. Reads `ca_file`, if set, to check that it holds PEM certificates.
     pub fn check(&self) -> Result<(), String> {
         let root = self.service_root();
         if root.is_empty() {
@@ -88,6 +102,16 @@ impl OpenAiConfig {
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(format!("base_url `{}` has no host; use e.g. http://127.0.0.1:8080", self.base_url));
+        }
+        if let Some(path) = &self.ca_file {
+            if url.scheme() != "https" {
+                return Err(format!(
+                    "ca_file is set, but base_url `{}` uses plain http, where no certificate is checked; \
+                     use https://, or remove ca_file",
+                    self.base_url
+                ));
+            }
+            crate::tls::read_ca_file(path)?;
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(format!(
@@ -162,7 +186,9 @@ impl std::fmt::Debug for OpenAiEmbedder {
 
 impl OpenAiEmbedder {
     /// Validates `config`, reads the token named by `api_key_env`, and
-    /// builds the HTTP client (rustls with the ring provider). The circuit
+    /// builds the HTTP client (rustls with the ring provider; for https the
+    /// system roots plus `ca_file`, for http no certificate store at all, so
+    /// a minimal container without one still works). The circuit
     /// breaker is this embedder's own and is named after the service root;
     /// share one `OpenAiEmbedder` (e.g. in an `Arc`) to share it.
     pub fn new(config: OpenAiConfig, clock: SharedClock) -> Result<Self, String> {
@@ -196,6 +222,15 @@ impl OpenAiEmbedder {
         // process. Fails harmlessly if a provider is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let attempt_timeout = Duration::from_millis(config.retry.attempt_timeout_ms);
+        let extra_roots = match &config.ca_file {
+            Some(path) => crate::tls::read_ca_file(path)?
+                .iter()
+                .map(|der| reqwest::Certificate::from_der(der))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("ca_file `{}`: {}; give PEM CA certificate(s)", path.display(), error_chain(&e)))?,
+            None => Vec::new(),
+        };
+        let https = config.service_root().to_ascii_lowercase().starts_with("https:");
         let client = reqwest::Client::builder()
             .connect_timeout(attempt_timeout.min(Duration::from_secs(10)))
             // Backstop only: `Resilient::call` enforces the attempt deadline
@@ -205,9 +240,12 @@ impl OpenAiEmbedder {
             .pool_max_idle_per_host(16)
             .tcp_nodelay(true)
             .tcp_keepalive(Duration::from_secs(60))
-            .user_agent(concat!("hartonomous/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client for the embedding service: {}", error_chain(&e)))?;
+            .user_agent(concat!("hartonomous/", env!("CARGO_PKG_VERSION")));
+        let client = if https { client.tls_certs_merge(extra_roots) } else { client.tls_certs_only(extra_roots) };
+        let client = client.build().map_err(|e| {
+            let hint = if https { "; if the system has no CA certificates, set ca_file" } else { "" };
+            format!("cannot build the HTTP client for the embedding service: {}{hint}", error_chain(&e))
+        })?;
 
         let endpoint = config.endpoint();
         let breaker = Arc::new(CircuitBreaker::new(format!("embed:{}", config.service_root()), config.breaker.clone()));
@@ -388,9 +426,19 @@ impl Classify for AttemptError {
 ///   425, 429, a body that is not the expected JSON, the wrong number of
 ///   vectors or bad indices → retryable;
 /// - 400, 413, 422 and other 4xx → the input is rejected;
-/// - 401, 403, 404, 405, redirects left unfollowed, unusable URL, and a
-///   vector whose length is not the configured dimension → misconfigured.
+/// - 401, 403, 404, 405, redirects left unfollowed, unusable URL, a TLS
+///   certificate that is not trusted (unknown CA, expired, wrong host name),
+///   and a vector whose length is not the configured dimension → misconfigured.
 fn classify(answer: Answer<'_>, expected: usize, config: &OpenAiConfig) -> Result<Vec<Vec<f32>>, AttemptError> {
+    if let Answer::Transport(e) = &answer
+        && let Some(tls) = crate::tls::certificate_error(*e)
+    {
+        return Err(AttemptError::Misconfigured(format!(
+            "the TLS certificate of {} is not trusted ({tls}); set ca_file to the PEM file of the CA that \
+             signed it, or fix the service's certificate (it must name base_url's host)",
+            config.endpoint()
+        )));
+    }
     let (status, body) = match answer {
         Answer::Transport(e) if e.is_builder() || e.is_redirect() => {
             return Err(AttemptError::Misconfigured(format!("cannot reach {}: {}", config.endpoint(), error_chain(e))));
@@ -527,6 +575,11 @@ mod tests {
             (OpenAiConfig { base_url: "not a url".into(), ..config(4) }, "not a valid URL"),
             (OpenAiConfig { base_url: "http://h/v1/embeddings".into(), ..config(4) }, "already ends with /embeddings"),
             (OpenAiConfig { api_key_env: Some("".into()), ..config(4) }, "api_key_env is empty"),
+            (OpenAiConfig { ca_file: Some("/nonexistent/ca.pem".into()), ..config(4) }, "ca_file is set, but base_url"),
+            (
+                OpenAiConfig { base_url: "https://h".into(), ca_file: Some("/nonexistent/ca.pem".into()), ..config(4) },
+                "ca_file `/nonexistent/ca.pem` cannot be read",
+            ),
             (
                 OpenAiConfig { retry: RetryConfig { attempt_timeout_ms: 0, ..RetryConfig::default() }, ..config(4) },
                 "retry.attempt_timeout_ms is 0",

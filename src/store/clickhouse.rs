@@ -3,6 +3,15 @@
 //! `clickhouse` crate (RowBinary inserts, no client-side schema validation:
 //! ClickHouse 18.16 lacks the formats and settings that validation needs).
 //!
+//! # Connecting
+//!
+//! `http://` or `https://` (the server's `https_port`; rustls on ring,
+//! trusting the system roots plus [`ClickHouseConfig::ca_file`]).
+//! [`ClickHouseStore::connect`] creates the database when it is missing and
+//! migrates when `migrate_on_start` is set; [`ClickHouseStore::connect_for_query`]
+//! (the `query` command) creates and migrates nothing and works for a user
+//! whose profile is `readonly = 1`.
+//!
 //! # Schema
 //!
 //! The DDL lives in `schemas/clickhouse/*.sql` and is compiled in
@@ -38,6 +47,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clickhouse::sql::Identifier;
@@ -130,11 +140,19 @@ const MAX_MESSAGE_CHARS: usize = 2_000;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
-    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`. Only `http://`: this
-    /// build has no TLS for ClickHouse (reach a TLS server through a local
-    /// TLS-terminating proxy).
+    /// HTTP(S) endpoint, e.g. `http://127.0.0.1:8123`, or
+    /// `https://clickhouse.example:8443` for the server's `https_port`. Over
+    /// https the server's certificate must chain to a system root or to a
+    /// certificate in `ca_file`, and name the URL's host.
     pub url: String,
-    /// Database holding the tables; created if missing.
+    /// PEM file of extra root certificates (e.g. a private CA) trusted for an
+    /// `https://` url, in addition to the system's roots. Read and checked
+    /// (it must hold PEM certificates) when the profile is loaded, and read
+    /// again when the store connects. A server certificate that chains to
+    /// neither is a fatal error that names this field.
+    pub ca_file: Option<PathBuf>,
+    /// Database holding the tables; created if missing (except by `query`,
+    /// which never creates anything: see [`ClickHouseStore::connect_for_query`]).
     pub database: String,
     /// User name sent with every request (empty: the server's default user).
     pub user: String,
@@ -157,6 +175,7 @@ impl Default for ClickHouseConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8123".into(),
+            ca_file: None,
             database: "hartonomous".into(),
             user: "default".into(),
             password_env: None,
@@ -174,23 +193,26 @@ impl ClickHouseConfig {
         Self { url: url.into(), database: database.into(), ..Self::default() }
     }
 
-    /// Checks that the values make sense; the error names the field and the fix.
+    /// Checks that the values make sense; the error names the field and the
+    /// fix. Reads `ca_file`, if set, to check that it holds PEM certificates.
     pub fn check(&self) -> Result<(), String> {
-        let example = "use e.g. http://127.0.0.1:8123";
+        let example = "use e.g. http://127.0.0.1:8123, or https://HOST:8443 for the server's https_port";
         if self.url.trim().is_empty() {
             return Err(format!("url is empty; {example}"));
         }
         let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url `{}` is not a valid URL ({e}); {example}", self.url))?;
-        match url.scheme() {
-            "http" => {}
-            "https" => {
+        match (url.scheme(), &self.ca_file) {
+            ("https", Some(path)) => crate::tls::read_ca_file(path).map(drop)?,
+            ("https", None) => {}
+            ("http", None) => {}
+            ("http", Some(_)) => {
                 return Err(format!(
-                    "url `{}` uses https, but this build talks plain HTTP to ClickHouse; use http:// \
-                     (for a TLS-only server, run a local TLS-terminating proxy and point url at it)",
+                    "ca_file is set, but url `{}` uses plain http, where no certificate is checked; \
+                     use https:// with the server's https_port, or remove ca_file",
                     self.url
                 ));
             }
-            other => return Err(format!("url `{}` has scheme `{other}`; {example}", self.url)),
+            (other, _) => return Err(format!("url `{}` has scheme `{other}`; {example}", self.url)),
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(format!("url `{}` has no host; {example}", self.url));
@@ -291,6 +313,11 @@ pub struct Capabilities {
     /// asynchronous inserts off for them where the setting exists: an insert
     /// returns once its rows are in a part, and tokens apply per insert.
     pub has_async_insert: bool,
+    /// The connected user's own `readonly` setting, from `system.settings`:
+    /// 0 may write; 1 may only read and change no setting at all (not even
+    /// `readonly`); 2 may only read, but may change settings. Read-only
+    /// queries send `readonly=2` only when this is 0.
+    pub readonly: u8,
 }
 
 // ---------------------------------------------------------------------------
@@ -400,8 +427,10 @@ pub fn server_error_code(message: &str) -> Option<u32> {
 /// | error | class |
 /// | --- | --- |
 /// | `Network` (refused, reset, DNS), `TimedOut`, `Compression`, `Decompression`, `Other` (I/O underneath) | `Unavailable` |
+/// | `Network` with a rejected server certificate (unknown CA, expired, wrong host name) | `Fatal`, naming `ca_file` |
+/// | `Network` where the peer does not speak TLS (an `https://` url on a plain-HTTP port) | `Fatal` |
 /// | `BadResponse` (the server answered with an error) | by [`classify_server_message`] |
-/// | `InvalidParams` (bad URL or bind), `Unsupported` (e.g. https without TLS) | `Fatal` |
+/// | `InvalidParams` (bad URL or bind), `Unsupported` (e.g. a scheme the client cannot speak) | `Fatal` |
 /// | row (de)serialization errors (`NotEnoughData`, `Custom`, `SchemaMismatch`, ...) | `Fatal`: the row layout does not match the table |
 ///
 /// A request that runs past `request_timeout_ms` is `Unavailable` too (see
@@ -411,7 +440,22 @@ pub fn classify(context: &str, error: &clickhouse::error::Error) -> StoreError {
     let message = format!("{context}: {}", error_chain(error));
     match error {
         E::BadResponse(body) => classify_server_message(context, body),
-        E::Network(_) | E::TimedOut | E::Compression(_) | E::Decompression(_) | E::Other(_) => StoreError::Unavailable(message),
+        E::Network(inner) => {
+            if let Some(tls) = crate::tls::certificate_error(inner.as_ref()) {
+                StoreError::Fatal(format!(
+                    "{context}: the server's TLS certificate is not trusted ({tls}); set ca_file to the PEM file of \
+                     the CA that signed it, or fix the server certificate (it must name the url's host)"
+                ))
+            } else if let Some(tls) = crate::tls::not_tls_error(inner.as_ref()) {
+                StoreError::Fatal(format!(
+                    "{context}: the server does not speak TLS on this port ({tls}); point an https:// url at \
+                     the server's https_port, or use http://"
+                ))
+            } else {
+                StoreError::Unavailable(message)
+            }
+        }
+        E::TimedOut | E::Compression(_) | E::Decompression(_) | E::Other(_) => StoreError::Unavailable(message),
         E::InvalidParams(_) | E::Unsupported(_) => StoreError::Fatal(message),
         E::RowNotFound
         | E::SequenceMustHaveLength
@@ -774,6 +818,57 @@ fn first_keyword(sql: &str) -> String {
 const READ_ONLY_KEYWORDS: &[&str] = &["SELECT", "WITH", "SHOW", "DESC", "DESCRIBE", "EXISTS", "EXPLAIN"];
 
 // ---------------------------------------------------------------------------
+// Connection
+// ---------------------------------------------------------------------------
+
+/// What a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Ingestion and `migrate`: the database is created if missing, and
+    /// `migrate_on_start` applies the schema.
+    Write,
+    /// `hartonomous query`: nothing is created or migrated.
+    Query,
+}
+
+/// Idle pooled connections are dropped after this, below the server's
+/// `keep_alive_timeout` (3 s before ClickHouse 23.11), as in the crate's own client.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The `clickhouse` crate client for `config.url`. For `http://` it is the
+/// crate's own (plain HTTP: the crate is built without TLS features). For
+/// `https://` the hyper client under it is built here: the crate's TLS
+/// features fix the trusted roots, and `ca_file` must be added to them.
+/// It uses rustls on ring, HTTP/1.1, the system roots plus `ca_file`, and
+/// refuses plain HTTP (a redirect cannot downgrade it).
+fn http_client(config: &ClickHouseConfig) -> Result<Client, StoreError> {
+    let https = reqwest::Url::parse(&config.url).is_ok_and(|u| u.scheme() == "https");
+    if !https {
+        return Ok(Client::default());
+    }
+    let fatal = |m: String| StoreError::Fatal(format!("clickhouse config: {m}"));
+    let extra = match &config.ca_file {
+        Some(path) => crate::tls::read_ca_file(path).map_err(fatal)?,
+        None => Vec::new(),
+    };
+    let roots = crate::tls::root_store(extra).map_err(fatal)?;
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fatal(format!("cannot set up TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.set_keepalive(Some(TCP_KEEPALIVE));
+    tcp.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().wrap_connector(tcp);
+    let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector);
+    Ok(Client::with_http_client(hyper))
+}
+
+// ---------------------------------------------------------------------------
 // The store
 // ---------------------------------------------------------------------------
 
@@ -813,14 +908,29 @@ impl ClickHouseStore {
 
     /// Connects with an explicit password (ignoring `password_env`): builds
     /// the client, reads `SELECT version()`, detects the server's
-    /// capabilities, creates the database if it is missing, and applies the
-    /// schema when `migrate_on_start` is set.
+    /// capabilities and the user's `readonly` level, creates the database if
+    /// it is missing, and applies the schema when `migrate_on_start` is set.
     pub async fn connect_with_password(config: ClickHouseConfig, password: Option<String>) -> Result<Self, StoreError> {
+        Self::open(config, password, Purpose::Write).await
+    }
+
+    /// Connects for reading only, as `hartonomous query` does: like
+    /// [`connect`](Self::connect), but it creates nothing and migrates
+    /// nothing, whatever `migrate_on_start` says, and a missing database is a
+    /// fatal error that names it. Works for a user whose profile has
+    /// `readonly = 1` (see [`query_text`](Self::query_text)).
+    pub async fn connect_for_query(config: ClickHouseConfig) -> Result<Self, StoreError> {
+        config.check().map_err(|m| StoreError::Fatal(format!("clickhouse config: {m}")))?;
+        let password = config.password()?;
+        Self::open(config, password, Purpose::Query).await
+    }
+
+    async fn open(config: ClickHouseConfig, password: Option<String>, purpose: Purpose) -> Result<Self, StoreError> {
         config.check().map_err(|m| StoreError::Fatal(format!("clickhouse config: {m}")))?;
         let timeout = Duration::from_millis(config.request_timeout_ms);
         // RowBinary without validation: 18.16 lacks RowBinaryWithNamesAndTypes
         // and the settings the validating mode sends.
-        let mut server = Client::default().with_url(config.url.as_str()).with_validation(false);
+        let mut server = http_client(&config)?.with_url(config.url.as_str()).with_validation(false);
         if !config.user.is_empty() {
             server = server.with_user(config.user.as_str());
         }
@@ -840,10 +950,27 @@ impl ClickHouseStore {
                 .await?
                 > 0;
         let has_async_insert = count(timeout, &server, "SELECT count() FROM system.settings WHERE name = ?", "async_insert").await? > 0;
-        let capabilities = Capabilities { version_string, version, supports_dedup_token: has_token && has_window, has_async_insert };
+        let readonly: String = timed(
+            timeout,
+            &format!("read the `readonly` setting of user `{}` on {at}", config.user),
+            server.query("SELECT value FROM system.settings WHERE name = 'readonly'").fetch_one::<String>(),
+        )
+        .await?;
+        let readonly = readonly
+            .trim()
+            .parse::<u8>()
+            .map_err(|_| StoreError::Fatal(format!("{at} reported the `readonly` setting as `{readonly}`, which is not 0, 1 or 2")))?;
+        let capabilities =
+            Capabilities { version_string, version, supports_dedup_token: has_token && has_window, has_async_insert, readonly };
 
         let database = config.database.as_str();
         let exists = count(timeout, &server, "SELECT count() FROM system.databases WHERE name = ?", database).await? > 0;
+        if !exists && purpose == Purpose::Query {
+            return Err(StoreError::Fatal(format!(
+                "database `{database}` does not exist on {at}; query creates nothing: run `hartonomous migrate` \
+                 (or `run`) with this profile first, or fix store.database"
+            )));
+        }
         if !exists {
             timed(
                 timeout,
@@ -863,7 +990,7 @@ impl ClickHouseStore {
             dedup_token = store.capabilities.supports_dedup_token,
             "connected to ClickHouse"
         );
-        if store.config.migrate_on_start {
+        if store.config.migrate_on_start && purpose == Purpose::Write {
             store.migrate().await?;
         }
         Ok(store)
@@ -1041,10 +1168,15 @@ impl ClickHouseStore {
     /// Runs a read-only query (in the store's database) and returns the
     /// result as text in ClickHouse's `PrettyCompactMonoBlock` format, without
     /// colours (for the CLI). Only statements starting with SELECT, WITH,
-    /// SHOW, DESC[RIBE], EXISTS or EXPLAIN are sent, and they run with
-    /// `readonly=2`, so the server refuses writes and DDL too. A result with
-    /// no rows is empty text. A user whose profile is already `readonly=1`
-    /// cannot use this (the server refuses to change `readonly`).
+    /// SHOW, DESC[RIBE], EXISTS or EXPLAIN are sent. A result with no rows is
+    /// empty text.
+    ///
+    /// The server refuses writes and DDL too: a user who may write
+    /// (`readonly` 0, see [`Capabilities::readonly`]) gets `readonly=2` for
+    /// the query; a user whose profile is read-only already gets no
+    /// `readonly` setting, since the server refuses to change it. A
+    /// `readonly = 1` user may change no setting at all, so colours cannot be
+    /// turned off server-side for it: its answer has them stripped here.
     pub async fn query_text(&self, sql: &str) -> Result<String, StoreError> {
         self.read_only(sql, "PrettyCompactMonoBlock").await
     }
@@ -1057,7 +1189,12 @@ impl ClickHouseStore {
                 READ_ONLY_KEYWORDS.join(", ")
             )));
         }
-        let query = self.client.query_raw(sql).with_setting("readonly", "2").with_setting("output_format_pretty_color", "0");
+        let mut query = self.client.query_raw(sql);
+        match self.capabilities.readonly {
+            0 => query = query.with_setting("readonly", "2").with_setting("output_format_pretty_color", "0"),
+            1 => {}
+            _ => query = query.with_setting("output_format_pretty_color", "0"),
+        }
         let context = format!("query `{}` in database `{}`", truncate(sql, 200), self.config.database);
         let bytes = self
             .timed(&context, async {
@@ -1065,7 +1202,8 @@ impl ClickHouseStore {
                 cursor.collect().await
             })
             .await?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        Ok(if self.capabilities.readonly == 1 { strip_ansi_styles(&text) } else { text })
     }
 
     async fn existing_hashes_impl(&self, hashes: &[ContentHash]) -> Result<HashSet<ContentHash>, StoreError> {
@@ -1250,6 +1388,27 @@ impl ClickHouseStore {
         }
         Ok(report)
     }
+}
+
+/// `text` without ANSI SGR sequences (`ESC [ digits;... m`), the only escape
+/// sequences ClickHouse's Pretty formats write (bold headers, colours).
+fn strip_ansi_styles(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('\u{1b}') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let params = after.strip_prefix('[').map(|p| p.find(|c: char| !(c.is_ascii_digit() || c == ';')).map(|end| (p, end)));
+        match params {
+            Some(Some((p, end))) if p[end..].starts_with('m') => rest = &p[end + 1..],
+            _ => {
+                out.push('\u{1b}');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 async fn count(timeout: Duration, client: &Client, sql: &str, value: &str) -> Result<u64, StoreError> {
@@ -1478,7 +1637,15 @@ mod tests {
         };
         bad(|c| c.url = "".into(), "url");
         bad(|c| c.url = "ftp://x".into(), "url");
-        bad(|c| c.url = "https://x:8443".into(), "url");
+        ClickHouseConfig { url: "https://x:8443".into(), ..ClickHouseConfig::default() }.check().unwrap();
+        bad(|c| c.ca_file = Some("/nonexistent/hartonomous-ca.pem".into()), "ca_file");
+        bad(
+            |c| {
+                c.url = "https://x:8443".into();
+                c.ca_file = Some("/nonexistent/hartonomous-ca.pem".into());
+            },
+            "ca_file",
+        );
         bad(|c| c.url = "http://u:p@x:8123".into(), "url");
         bad(|c| c.url = "http://x:8123/?database=y".into(), "url");
         bad(|c| c.database = "my-db".into(), "database");
@@ -1638,6 +1805,16 @@ mod tests {
     #[test]
     fn checksums_are_sha256_hex() {
         assert_eq!(checksum("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn ansi_styles_are_stripped() {
+        // As 18.16 answers PrettyCompactMonoBlock to a `readonly = 1` user.
+        let coloured = "\u{250c}\u{2500}\u{1b}[1mx\u{1b}[0m\u{2500}\u{2510}\n\u{2502} 1 \u{2502}\n";
+        assert_eq!(strip_ansi_styles(coloured), "\u{250c}\u{2500}x\u{2500}\u{2510}\n\u{2502} 1 \u{2502}\n");
+        assert_eq!(strip_ansi_styles("a\u{1b}[1;31mb\u{1b}[0mc"), "abc");
+        assert_eq!(strip_ansi_styles("no escapes"), "no escapes");
+        assert_eq!(strip_ansi_styles("lone \u{1b} and \u{1b}[12"), "lone \u{1b} and \u{1b}[12");
     }
 
     #[test]

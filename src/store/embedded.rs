@@ -288,18 +288,32 @@ impl EmbeddedStore {
     /// columns). Blocking: call it before starting work, or from
     /// `spawn_blocking`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, true)
+    }
+
+    /// Opens the store under `data_dir` for queries only (`hartonomous
+    /// query`): creates no directory and removes or writes no file, so the
+    /// disk is left exactly as it was. A table whose directory is missing
+    /// (a fresh or absent `data_dir`) reads as empty; temp files of an
+    /// interrupted write are left for the next [`open`](Self::open) (queries
+    /// never read them). Do not insert through a store opened this way.
+    pub fn open_read_only(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, false)
+    }
+
+    fn open_with(data_dir: &Path, writable: bool) -> Result<Self, StoreError> {
         let data_dir = std::path::absolute(data_dir)
             .map_err(|e| io_error(format_args!("resolve data dir {}", data_dir.display()), e))?;
         let tables = data_dir.join("tables");
 
-        let (atoms, atom_parts) = Table::open(ATOMS_TABLE, tables.join(ATOMS_TABLE), atoms_schema())?;
+        let (atoms, atom_parts) = Table::open(ATOMS_TABLE, tables.join(ATOMS_TABLE), atoms_schema(), writable)?;
         let mut hashes = HashSet::new();
         for part in &atom_parts {
             load_hashes(part, &mut hashes)?;
         }
 
         let (dead_letters, dl_parts) =
-            Table::open(DEAD_LETTERS_TABLE, tables.join(DEAD_LETTERS_TABLE), dead_letters_schema())?;
+            Table::open(DEAD_LETTERS_TABLE, tables.join(DEAD_LETTERS_TABLE), dead_letters_schema(), writable)?;
         let mut keys = DeadLetterKeys::new();
         for part in &dl_parts {
             load_dead_letter_keys(part, &mut keys)?;
@@ -380,18 +394,26 @@ impl EmbeddedStore {
 
 impl Table {
     /// Creates the directory if missing, removes stale temp files, and
-    /// returns the table with the visible part files (sorted by name).
-    fn open(name: &'static str, dir: PathBuf, schema: SchemaRef) -> Result<(Self, Vec<PathBuf>), StoreError> {
-        fs::create_dir_all(&dir).map_err(|e| io_error(format_args!("create {}", dir.display()), e))?;
-        let entries = fs::read_dir(&dir).map_err(|e| io_error(format_args!("list {}", dir.display()), e))?;
+    /// returns the table with the visible part files (sorted by name). Not
+    /// `writable`: touches nothing on disk, and a missing directory is an
+    /// empty table.
+    fn open(name: &'static str, dir: PathBuf, schema: SchemaRef, writable: bool) -> Result<(Self, Vec<PathBuf>), StoreError> {
+        if writable {
+            fs::create_dir_all(&dir).map_err(|e| io_error(format_args!("create {}", dir.display()), e))?;
+        }
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => Some(entries),
+            Err(e) if !writable && e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_error(format_args!("list {}", dir.display()), e)),
+        };
         let mut parts = Vec::new();
         let mut next_seq = 0u64;
-        for entry in entries {
+        for entry in entries.into_iter().flatten() {
             let entry = entry.map_err(|e| io_error(format_args!("list {}", dir.display()), e))?;
             let file_name = entry.file_name();
             let Some(file_name) = file_name.to_str() else { continue };
             let path = entry.path();
-            if file_name.starts_with(TEMP_PREFIX) && file_name.ends_with(TEMP_SUFFIX) {
+            if file_name.starts_with(TEMP_PREFIX) && file_name.ends_with(TEMP_SUFFIX) && writable {
                 tracing::warn!(path = %path.display(), "removing temp file left by an interrupted write");
                 fs::remove_file(&path).map_err(|e| io_error(format_args!("remove {}", path.display()), e))?;
                 continue;
