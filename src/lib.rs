@@ -9,6 +9,7 @@ pub mod resilience;
 pub mod store;
 pub mod avro;
 pub mod dead_letter;
+pub mod failpoint;
 pub mod flow;
 pub mod log;
 pub mod config;

@@ -35,7 +35,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 
-use super::{LogConsumer, LogError, LogProducer, PartitionPosition, RevokeHandler};
+use super::{LogConsumer, LogError, LogProducer, PartitionPosition, PollLimit, RevokeHandler};
 use crate::record::{Headers, OutgoingRecord, Position, Record, TopicPartition};
 
 /// How long a commit may take before it counts as failed (`Unavailable`).
@@ -738,9 +738,10 @@ impl KafkaConsumer {
     }
 
     /// Turns one message into a record if it may be handed out now; holds it
-    /// if its partition is paused; drops it if the partition is not assigned
-    /// (revoked meanwhile) or it was handed out already.
-    fn accept(&self, msg: &BorrowedMessage<'_>, out: &mut Vec<Record>) {
+    /// if its partition is paused or this poll's `limit` is reached; drops it
+    /// if the partition is not assigned (revoked meanwhile) or it was handed
+    /// out already.
+    fn accept(&self, msg: &BorrowedMessage<'_>, out: &mut Vec<Record>, limit: PollLimit, bytes: &mut usize) {
         let tp = TopicPartition::new(self.shared.intern(msg.topic()), msg.partition());
         let offset = msg.offset();
         let record = Record {
@@ -759,27 +760,31 @@ impl KafkaConsumer {
         if seen.is_some_and(|s| offset < s) {
             return;
         }
-        if st.paused.contains(tp) || st.held.get(tp).is_some_and(|h| !h.is_empty()) {
-            tracing::debug!(group = %self.shared.group, partition = %tp, offset, "record of a paused partition held back until resume");
+        if st.paused.contains(tp) || st.held.get(tp).is_some_and(|h| !h.is_empty()) || !limit.admits(out.len(), *bytes, record.byte_len()) {
             st.held.entry(tp.clone()).or_default().push_back(record);
             return;
         }
         st.next.insert(tp.clone(), offset + 1);
         drop(st);
+        *bytes += record.byte_len();
         out.push(record);
     }
 
-    /// Hands out records held for partitions that are no longer paused.
-    fn take_held(&self, out: &mut Vec<Record>, max: usize) {
+    /// Hands out records held for partitions that are not paused, within `limit`.
+    fn take_held(&self, out: &mut Vec<Record>, limit: PollLimit, bytes: &mut usize) {
         let mut st = self.shared.state();
         let State { held, paused, next, .. } = &mut *st;
         for (tp, queue) in held.iter_mut() {
             if paused.contains(tp) {
                 continue;
             }
-            while out.len() < max {
-                let Some(r) = queue.pop_front() else { break };
+            while let Some(r) = queue.front() {
+                if !limit.admits(out.len(), *bytes, r.byte_len()) {
+                    break;
+                }
+                let r = queue.pop_front().expect("front exists");
                 next.insert(tp.clone(), r.position.offset + 1);
+                *bytes += r.byte_len();
                 out.push(r);
             }
         }
@@ -811,14 +816,14 @@ impl KafkaConsumer {
     /// Cancellation-safe (the runner polls inside `select!`): the only await
     /// is the wait for the first record, and it happens only while nothing
     /// has been taken; once a record is in hand the rest runs without yielding.
-    async fn poll_records(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, LogError> {
+    async fn poll_records(&mut self, limit: PollLimit, wait: Duration) -> Result<Vec<Record>, LogError> {
         if let Some(e) = self.deferred.take() {
             return Err(e);
         }
-        let max = max.max(1);
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         let mut generation = self.shared.generation.load(Ordering::Acquire);
-        self.take_held(&mut out, max);
+        self.take_held(&mut out, limit, &mut bytes);
         let consumer = self.consumer.clone();
         let stream = consumer.stream();
         tokio::pin!(stream);
@@ -832,17 +837,29 @@ impl KafkaConsumer {
             };
             generation = self.revalidate(&mut out, generation);
             match item {
-                Ok(msg) => self.accept(&msg, &mut out),
+                Ok(msg) => self.accept(&msg, &mut out, limit, &mut bytes),
                 Err(e) => failed = self.on_error(e),
+            }
+            if limit.records == 0 {
+                // Nothing may be handed out: one message served the consumer; stop
+                // so that librdkafka's bounded prefetch is not drained into `held`.
+                break;
             }
         }
         // ...then take only what is there already.
-        while out.len() < max && failed.is_none() {
+        while out.len() < limit.records && failed.is_none() {
             let Some(Some(item)) = stream.next().now_or_never() else { break };
             generation = self.revalidate(&mut out, generation);
+            let before = out.len();
             match item {
-                Ok(msg) => self.accept(&msg, &mut out),
+                Ok(msg) => self.accept(&msg, &mut out, limit, &mut bytes),
                 Err(e) => failed = self.on_error(e),
+            }
+            if out.len() == before {
+                // Held (paused partition, or the byte limit is reached) or
+                // dropped: leave the rest in librdkafka's bounded queue rather
+                // than moving it into `held`.
+                break;
             }
         }
         self.revalidate(&mut out, generation);
@@ -916,8 +933,8 @@ fn read_headers(msg: &BorrowedMessage<'_>) -> Headers {
 }
 
 impl LogConsumer for KafkaConsumer {
-    fn poll(&mut self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
-        Box::pin(self.poll_records(max, wait))
+    fn poll_bounded(&mut self, limit: PollLimit, wait: Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+        Box::pin(self.poll_records(limit, wait))
     }
 
     fn commit(&mut self, offsets: &BTreeMap<TopicPartition, i64>) -> BoxFuture<'_, Result<(), LogError>> {
@@ -940,7 +957,7 @@ impl LogConsumer for KafkaConsumer {
 
     fn pause(&mut self, partitions: &[TopicPartition]) -> Result<(), LogError> {
         let mut st = self.shared.state();
-        let tps: Vec<TopicPartition> = partitions.iter().filter(|tp| st.assigned.contains_key(*tp)).cloned().collect();
+        let tps: Vec<TopicPartition> = partitions.iter().filter(|tp| st.assigned.contains_key(*tp) && !st.paused.contains(*tp)).cloned().collect();
         if tps.is_empty() {
             return Ok(());
         }
