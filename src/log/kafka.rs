@@ -67,6 +67,14 @@ pub struct KafkaConfig {
     /// The longest time between two polls before librdkafka leaves the group.
     #[serde(default = "default_max_poll_interval_ms")]
     pub max_poll_interval_ms: u64,
+    /// Static group membership (KIP-345, `group.instance.id`): a stable name
+    /// per instance, e.g. from `HARTONOMOUS__LOG__GROUP_INSTANCE_ID=$HOSTNAME`.
+    /// A restarted instance with the same name takes its partitions back at
+    /// once instead of waiting out its dead predecessor's session; the price
+    /// is that a crashed instance's partitions wait `session_timeout_ms` before
+    /// another instance gets them. Every instance of a group needs its own name.
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
     /// Passed to librdkafka as they are (`security.protocol`, `sasl.mechanism`,
     /// `sasl.username`, `ssl.ca.location`, `compression.type`, ...).
     #[serde(default)]
@@ -136,6 +144,7 @@ const FIELD_PROPERTIES: &[(&str, &str)] = &[
     ("heartbeat.interval.ms", "heartbeat_interval_ms"),
     ("max.poll.interval.ms", "max_poll_interval_ms"),
     ("statistics.interval.ms", "statistics_interval_ms"),
+    ("group.instance.id", "group_instance_id"),
 ];
 
 /// Every default, with Kafka's conventional `localhost:9092`. A profile must
@@ -155,6 +164,7 @@ impl KafkaConfig {
             session_timeout_ms: default_session_timeout_ms(),
             heartbeat_interval_ms: default_heartbeat_interval_ms(),
             max_poll_interval_ms: default_max_poll_interval_ms(),
+            group_instance_id: None,
             properties: BTreeMap::new(),
             properties_env: BTreeMap::new(),
             create_topics: false,
@@ -194,6 +204,13 @@ impl KafkaConfig {
             return Err(format!(
                 "statistics_interval_ms is {}; use 1..=86400000 (1000 is usual): the log end and the lag come from librdkafka's statistics",
                 self.statistics_interval_ms
+            ));
+        }
+        if let Some(id) = &self.group_instance_id
+            && (id.trim().is_empty() || id.len() > 249 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "group_instance_id `{id}` is not a valid name; use 1 to 249 of [a-zA-Z0-9._-], one per instance (e.g. the host name), or remove it"
             ));
         }
         if self.replication_factor < 1 {
@@ -673,6 +690,9 @@ impl KafkaConsumer {
             .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
             .set("max.poll.interval.ms", config.max_poll_interval_ms.to_string())
             .set("statistics.interval.ms", config.statistics_interval_ms.to_string());
+        if let Some(id) = &config.group_instance_id {
+            c.set("group.instance.id", id);
+        }
         // Defaults a profile may override in `properties`.
         for (k, v) in [("auto.offset.reset", "earliest"), ("partition.assignment.strategy", "cooperative-sticky")] {
             if !config.properties.contains_key(k) && !config.properties_env.contains_key(k) {
@@ -1147,6 +1167,11 @@ mod tests {
         let e = parse("bootstrap_servers = \"b:9092\"\nsesion_timeout_ms = 1").unwrap_err();
         assert!(e.contains("sesion_timeout_ms"), "{e}");
         assert!(parse("client_id = \"x\"").unwrap_err().contains("bootstrap_servers"));
+        let stat = parse("bootstrap_servers = \"b:9092\"\ngroup_instance_id = \"host-1\"").unwrap();
+        assert_eq!(stat.group_instance_id.as_deref(), Some("host-1"));
+        stat.check().unwrap();
+        let bad = KafkaConfig { group_instance_id: Some("has space".into()), ..KafkaConfig::new("b:9092") };
+        assert!(bad.check().unwrap_err().contains("group_instance_id"));
     }
 
     #[test]
