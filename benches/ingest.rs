@@ -13,7 +13,7 @@
 //!   schema, decode, resolve to the reader schema) + `decode::to_request`;
 //! - `decode_hash`: the same + `ContentHash::of` (SHA-256 of the content);
 //! - `decode_hash_dedup`: the same + the dedup stage's in-memory checks per
-//!   500-record window (an in-window `HashSet`, then `dedup::RecentSet`), as
+//!   500-record window (an in-window `HashSet`, then the admission `ledger`), as
 //!   `dedup::Dedup` does them; the store look-up is not included;
 //! - `sha256_only`: `ContentHash::of` over the same contents, nothing else.
 //!
@@ -83,7 +83,7 @@ use hartonomous::log::embedded::EmbeddedLog;
 use hartonomous::record::{Headers, OutgoingRecord};
 use hartonomous::store::AtomStore;
 use hartonomous::store::embedded::EmbeddedStore;
-use hartonomous::topology::atom_ingestion::{decode, dedup};
+use hartonomous::topology::atom_ingestion::{decode, ledger};
 use hartonomous::topology::{self, spec::TopologySpec};
 
 /// Records in the `per_record` group (bench mode).
@@ -314,7 +314,7 @@ fn per_record(c: &mut Criterion) {
 
     g.bench_function("decode_hash_dedup", |b| {
         b.iter(|| {
-            let mut recent = dedup::RecentSet::new(RECENT_CAPACITY);
+            let mut recent = ledger::Ledger::new(RECENT_CAPACITY);
             let (mut admitted, mut in_window, mut in_recent) = (0usize, 0usize, 0usize);
             for window in payloads.chunks(WINDOW) {
                 let hashed: Vec<(AtomIngestionRequest, ContentHash)> = window
@@ -330,10 +330,10 @@ fn per_record(c: &mut Criterion) {
                 for (req, h) in &hashed {
                     if !seen.insert(*h) {
                         in_window += 1;
-                    } else if recent.contains(h) {
+                    } else if recent.is_admitted(h) {
                         in_recent += 1;
                     } else {
-                        recent.insert(*h);
+                        recent.admit(*h);
                         admitted += 1;
                         black_box(req);
                     }
@@ -389,7 +389,7 @@ fn check_summary(s: &Summary, n: usize) {
     assert_eq!(s.records_in, n, "{}", s.render());
     assert_eq!(s.atoms_stored, n, "{}", s.render());
     assert_eq!(s.dead_lettered, 0, "{}", s.render());
-    assert_eq!(s.duplicates_skipped, 0, "{}", s.render());
+    assert_eq!(s.duplicates_matched, 0, "{}", s.render());
     assert_eq!(s.embedded_contents, n, "{}", s.render());
     assert_eq!(s.events_published, n, "{}", s.render());
 }

@@ -67,6 +67,7 @@ impl Embedded {
             embedder: self.embedder.clone(),
             clock: self.clock.clone(),
             metrics: metrics.clone(),
+            breakers: Default::default(),
         };
         let consumer = self.log.consumer(&spec.group(), &[spec.source.topic.as_str()]);
         let report = crate::topology::atom_ingestion::run(spec, &deps, consumer, Until::Drained, std::future::pending()).await?;
@@ -138,6 +139,7 @@ pub async fn run_kafka(profile: &Profile, spec: &TopologySpec, shutdown: impl st
         embedder,
         clock,
         metrics: metrics.clone(),
+        breakers: Default::default(),
     };
     let consumer = KafkaConsumer::new(kafka, &spec.group(), &[spec.source.topic.as_str()])?;
     let report = crate::topology::atom_ingestion::run(spec, &deps, consumer, Until::Shutdown, shutdown).await?;
@@ -157,7 +159,12 @@ pub struct Summary {
     pub topology: String,
     pub records_in: u64,
     pub atoms_stored: u64,
-    pub duplicates_skipped: u64,
+    /// Accepted requests recorded in `atom_arrivals` by this run (a
+    /// redelivered request recorded before is not counted again).
+    pub arrivals_stored: u64,
+    /// Requests whose content was already stored or admitted, by `duplicate.*` reason.
+    pub duplicates_matched: u64,
+    pub matched_by_reason: BTreeMap<String, u64>,
     pub skipped_by_reason: BTreeMap<String, u64>,
     pub embedding_calls: u64,
     pub embedded_contents: u64,
@@ -170,12 +177,15 @@ pub struct Summary {
 impl Summary {
     pub fn new(spec: &TopologySpec, m: &Metrics, report: RunReport) -> Self {
         let skipped: BTreeMap<String, u64> = m.skipped_by_reason().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let matched: BTreeMap<String, u64> = m.matched_by_reason().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let dead = m.dead_letters_by_reason();
         Self {
             topology: spec.name.clone(),
             records_in: Metrics::get(&m.records_in),
             atoms_stored: Metrics::get(&m.atoms_stored),
-            duplicates_skipped: skipped.iter().filter(|(k, _)| k.starts_with("duplicate.")).map(|(_, v)| v).sum(),
+            arrivals_stored: Metrics::get(&m.arrivals_stored),
+            duplicates_matched: matched.values().sum(),
+            matched_by_reason: matched,
             skipped_by_reason: skipped,
             embedding_calls: Metrics::get(&m.embedding_calls),
             embedded_contents: Metrics::get(&m.embedded_texts),
@@ -191,16 +201,20 @@ impl Summary {
         let _ = writeln!(s, "{} summary", self.topology);
         let _ = writeln!(s, "  records in            {:>8}", self.records_in);
         let _ = writeln!(s, "  atoms stored          {:>8}", self.atoms_stored);
-        let _ = writeln!(s, "  duplicates skipped    {:>8}", self.duplicates_skipped);
-        for (reason, n) in &self.skipped_by_reason {
+        let _ = writeln!(s, "  arrivals recorded     {:>8}", self.arrivals_stored);
+        let _ = writeln!(s, "  duplicates matched    {:>8}  (stored nothing, no embedding call)", self.duplicates_matched);
+        for (reason, n) in &self.matched_by_reason {
             let _ = writeln!(s, "    {reason:<22}{n:>6}");
+        }
+        for (reason, n) in &self.skipped_by_reason {
+            let _ = writeln!(s, "  skipped {reason:<14}{n:>8}");
         }
         let _ = writeln!(s, "  embedding calls       {:>8}  ({} contents embedded)", self.embedding_calls, self.embedded_contents);
         let _ = writeln!(s, "  dead-lettered         {:>8}", self.dead_lettered);
         for (reason, n) in &self.dead_letters_by_reason {
             let _ = writeln!(s, "    {reason:<22}{n:>6}");
         }
-        let _ = writeln!(s, "  events published      {:>8}", self.events_published);
+        let _ = writeln!(s, "  events published      {:>8}  (one per accepted request)", self.events_published);
         let committed: Vec<String> = self.committed.iter().map(|(tp, o)| format!("{tp}@{o}")).collect();
         let _ = write!(s, "  committed             {}", if committed.is_empty() { "nothing".to_string() } else { committed.join(" ") });
         s

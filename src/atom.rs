@@ -115,7 +115,94 @@ pub struct AtomRow {
     pub trace_id: String,
 }
 
-/// The event published on `atoms.ingested` for each newly stored atom.
+/// Where a request was read: topic, partition and offset. The key of its
+/// arrival, and the lineage of the atom it created.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourcePosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl SourcePosition {
+    pub fn new(topic: impl Into<String>, partition: i32, offset: i64) -> Self {
+        Self { topic: topic.into(), partition, offset }
+    }
+}
+
+impl fmt::Display for SourcePosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}@{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// What one accepted request did to the atom store. The same symbols, in the
+/// same order, as the Avro enum `AtomArrivalOutcome` and the ClickHouse
+/// `Enum8` column `atom_arrivals.outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ArrivalOutcome {
+    /// This request stored the atom.
+    #[serde(rename = "CREATED")]
+    Created,
+    /// The content was already stored (or admitted earlier): nothing new was
+    /// stored and no embedding call was made.
+    #[serde(rename = "MATCHED")]
+    Matched,
+}
+
+impl ArrivalOutcome {
+    /// The lower-case name used in tables: `created` / `matched`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArrivalOutcome::Created => "created",
+            ArrivalOutcome::Matched => "matched",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "created" => Some(ArrivalOutcome::Created),
+            "matched" => Some(ArrivalOutcome::Matched),
+            _ => None,
+        }
+    }
+}
+
+/// One row of `atom_arrivals`: one accepted request, keyed by its source
+/// position, so a replay never doubles it. Analysts count what each source
+/// sent here, repeats included; `atoms` holds each content once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArrivalRow {
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub content_hash: ContentHash,
+    pub outcome: ArrivalOutcome,
+    pub content_type: String,
+    pub content_size: u64,
+    pub source_system: String,
+    pub correlation_id: String,
+    pub event_time_ms: i64,
+    /// When this request was processed.
+    pub arrived_at_ms: i64,
+    pub trace_id: String,
+}
+
+impl ArrivalRow {
+    pub fn position(&self) -> SourcePosition {
+        SourcePosition::new(self.source_topic.clone(), self.source_partition, self.source_offset)
+    }
+}
+
+impl AtomRow {
+    /// The request that created this atom: its lineage.
+    pub fn position(&self) -> SourcePosition {
+        SourcePosition::new(self.source_topic.clone(), self.source_partition, self.source_offset)
+    }
+}
+
+/// The event published on `atoms.ingested` for every accepted request (see
+/// `schemas/avro/AtomIngested.v2.avsc` for the rule).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AtomIngested {
     pub content_hash: String,
@@ -129,6 +216,13 @@ pub struct AtomIngested {
     pub source_partition: i32,
     pub source_offset: i64,
     pub ingested_at_ms: i64,
+    /// Added in version 2; version-1 events read as `Created`.
+    #[serde(default = "created")]
+    pub outcome: ArrivalOutcome,
+}
+
+fn created() -> ArrivalOutcome {
+    ArrivalOutcome::Created
 }
 
 #[cfg(test)]

@@ -21,6 +21,27 @@ pub const H_REASON: &str = "hartonomous.dlq.reason";
 pub const H_ERROR: &str = "hartonomous.dlq.error";
 pub const H_ATTEMPTS: &str = "hartonomous.dlq.attempts";
 pub const H_FAILED_AT: &str = "hartonomous.dlq.failed_at_ms";
+/// Present only on a copy whose payload was cut because the broker refused it
+/// whole: the original payload's size in bytes. The `dead_letters` table
+/// keeps the whole payload.
+pub const H_TRUNCATED: &str = "hartonomous.dlq.truncated";
+
+/// Longest error text put in the `hartonomous.dlq.error` header (the
+/// `dead_letters` table keeps it whole). Registry and server answers can be
+/// long; a header that size would risk the broker refusing the dead letter.
+pub const MAX_ERROR_HEADER_BYTES: usize = 4096;
+
+/// `s` cut to at most `max` bytes on a character boundary, with `…` when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
 
 /// The facts about one dead letter.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,18 +82,29 @@ impl<'a> DeadLetter<'a> {
             .insert(H_OFFSET, p.offset.to_string())
             .insert(H_STAGE, self.stage)
             .insert(H_REASON, self.reason)
-            .insert(H_ERROR, self.error)
+            .insert(H_ERROR, clip(self.error, MAX_ERROR_HEADER_BYTES))
             .insert(H_ATTEMPTS, self.attempts.to_string())
             .insert(H_FAILED_AT, self.failed_at_ms.to_string());
         OutgoingRecord {
             topic: dlq_topic.to_string(),
-            // Same partition number as the source, so a redrive keeps per-key order.
-            partition: Some(p.tp.partition),
+            // Partitioned by the original key, so the dead-letter topic may
+            // have any number of partitions and a key's dead letters stay in
+            // order; the source partition is in the provenance headers.
+            partition: None,
             key: self.record.key.clone(),
             payload: self.record.payload.clone(),
             headers,
             event_time_ms: Some(self.record.event_time_ms),
         }
+    }
+
+    /// The same dead letter with its payload cut to `keep` bytes and the
+    /// [`H_TRUNCATED`] header giving the original size.
+    pub fn to_truncated_outgoing(&self, dlq_topic: &str, keep: usize) -> OutgoingRecord {
+        let mut out = self.to_outgoing(dlq_topic);
+        out.payload.truncate(keep);
+        out.headers.insert(H_TRUNCATED, self.record.payload.len().to_string());
+        out
     }
 
     pub fn to_row(&self) -> DeadLetterRow {

@@ -10,6 +10,7 @@ pub mod store;
 pub mod tls;
 pub mod avro;
 pub mod dead_letter;
+pub mod failpoint;
 pub mod flow;
 pub mod log;
 pub mod config;

@@ -59,6 +59,19 @@ fn acceptance_input(unique: usize, dups: usize) -> (Vec<OutgoingRecord>, BTreeSe
     (recs, contents, b)
 }
 
+/// The events on the output topic by correlation id (one per request: a
+/// second answer to the same request in one run would be a bug here).
+async fn read_answers(app: &hartonomous::app::Embedded) -> BTreeMap<String, AtomIngested> {
+    let reader = &Schemas::current("AtomIngested").unwrap().schema;
+    let mut out = BTreeMap::new();
+    for r in app.log.records("atoms.ingested") {
+        let (_, v) = avro::decode_message(app.registry.as_ref(), reader, &r.payload).await.unwrap();
+        let ev: AtomIngested = apache_avro::from_value(&v).unwrap();
+        assert!(out.insert(ev.correlation_id.clone(), ev).is_none(), "one answer per request");
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_exactly_the_unique_valid_atoms_and_reruns_add_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -71,9 +84,10 @@ async fn stores_exactly_the_unique_valid_atoms_and_reruns_add_nothing() {
     let summary = app.run_to_end(&spec, input.clone()).await.unwrap();
     assert_eq!(summary.records_in as usize, n);
     assert_eq!(summary.atoms_stored as usize, unique, "{}", summary.render());
-    assert_eq!(summary.duplicates_skipped as usize, dups);
+    assert_eq!(summary.duplicates_matched as usize, dups);
     assert_eq!(summary.dead_lettered as usize, b);
-    assert_eq!(summary.events_published as usize, unique);
+    assert_eq!(summary.events_published as usize, unique + dups, "every accepted request is answered");
+    assert_eq!(summary.arrivals_stored as usize, unique + dups);
 
     // The embedder saw each unique content exactly once, and nothing else.
     let texts = embedder.texts();
@@ -94,6 +108,34 @@ async fn stores_exactly_the_unique_valid_atoms_and_reruns_add_nothing() {
         }
     }
     assert_eq!(stored, contents);
+
+    // One arrival per accepted request: `created` for the request that stored
+    // each content (whichever partition got there first), `matched` for the others.
+    assert_eq!(count(&app, "SELECT count(*) FROM atom_arrivals").await as usize, unique + dups);
+    assert_eq!(count(&app, "SELECT count(*) FROM atom_arrivals WHERE outcome = 'created'").await as usize, unique);
+    assert_eq!(count(&app, "SELECT count(DISTINCT content_hash) FROM atom_arrivals WHERE outcome = 'created'").await as usize, unique);
+    assert_eq!(count(&app, "SELECT count(*) FROM atom_arrivals WHERE outcome = 'matched'").await as usize, dups);
+    // Each atom's lineage is its `created` arrival.
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM atoms a JOIN atom_arrivals r ON a.source_topic = r.source_topic AND a.source_partition = r.source_partition AND a.source_offset = r.source_offset AND a.content_hash = r.content_hash WHERE r.outcome = 'created'").await as usize,
+        unique
+    );
+
+    // Every accepted request's correlation id is answered exactly once on the
+    // output topic; each content has exactly one `created` answer.
+    let answers = read_answers(&app).await;
+    assert_eq!(answers.len(), unique + dups);
+    let ids: BTreeSet<String> = (0..unique).map(|i| format!("req-{i}")).chain((0..dups).map(|j| format!("req-{}", 10_000 + j))).collect();
+    assert_eq!(answers.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    let mut created = BTreeMap::new();
+    for a in answers.values() {
+        match a.outcome {
+            hartonomous::atom::ArrivalOutcome::Created => *created.entry(a.content_hash.clone()).or_insert(0) += 1,
+            hartonomous::atom::ArrivalOutcome::Matched => assert_eq!(a.embedding_dimension, 0, "a repeat costs no embedding"),
+        }
+    }
+    assert_eq!(created.len(), unique);
+    assert!(created.values().all(|n| *n == 1));
 
     // Exactly B dead letters, each with a reason, on the topic and in the archive.
     let dlq = app.log.records(DLQ);
@@ -116,8 +158,14 @@ async fn stores_exactly_the_unique_valid_atoms_and_reruns_add_nothing() {
     let summary2 = again.run_to_end(&spec, input).await.unwrap();
     assert_eq!(summary2.atoms_stored, 0, "{}", summary2.render());
     assert_eq!(summary2.embedding_calls, 0);
+    assert_eq!(summary2.arrivals_stored, 0, "the same positions: every arrival is recorded already");
     assert!(embedder2.texts().is_empty());
     assert_eq!(count(&again, "SELECT count(*) FROM atoms").await as usize, unique);
+    assert_eq!(count(&again, "SELECT count(*) FROM atom_arrivals").await as usize, unique + dups);
+    // A replay answers every request again, each with the outcome it had.
+    let replayed = read_answers(&again).await;
+    assert_eq!(replayed.len(), unique + dups);
+    assert!(replayed.iter().all(|(id, a)| a.outcome == answers[id].outcome), "outcomes stand on replay");
     assert_eq!(count(&again, "SELECT count(*) FROM dead_letters").await as usize, b, "dead-letter archive is idempotent by position");
 }
 
@@ -157,6 +205,7 @@ async fn malformed_wire_records_are_dead_lettered_with_their_reason_and_good_one
         source_partition: 0,
         source_offset: 0,
         ingested_at_ms: 0,
+        outcome: hartonomous::atom::ArrivalOutcome::Created,
     };
     let ev_schema = &Schemas::current("AtomIngested").unwrap().schema;
     let ev_id = app.registry.register_schema("other-value", ev_schema).unwrap();
@@ -212,14 +261,21 @@ async fn every_stored_atom_has_an_event_that_decodes_back() {
     app.run_to_end(&spec, input).await.unwrap();
     let reader = &Schemas::current("AtomIngested").unwrap().schema;
     let mut events = BTreeMap::new();
+    let mut matched = 0;
     for r in app.log.records("atoms.ingested") {
         let (_, value) = avro::decode_message(app.registry.as_ref(), reader, &r.payload).await.unwrap();
         let ev: AtomIngested = apache_avro::from_value(&value).unwrap();
         assert_eq!(r.key.as_deref(), Some(ev.content_hash.as_bytes()));
-        assert_eq!(ev.embedding_dimension, 64);
         assert_eq!(ev.source_topic, TOPIC);
-        events.insert(ev.content_hash.clone(), ev);
+        if ev.outcome == hartonomous::atom::ArrivalOutcome::Matched {
+            assert_eq!(ev.embedding_dimension, 0);
+            matched += 1;
+            continue;
+        }
+        assert_eq!(ev.embedding_dimension, 64);
+        assert!(events.insert(ev.content_hash.clone(), ev).is_none(), "one created event per atom");
     }
+    assert_eq!(matched, 10, "the repeats are answered too");
     let expected: BTreeSet<String> = contents.iter().map(|c| ContentHash::of(c.as_bytes()).to_hex()).collect();
     assert_eq!(events.keys().cloned().collect::<BTreeSet<_>>(), expected);
     let batches = app.store.query("SELECT content_hash, source_partition, source_offset FROM atoms").await.unwrap();
@@ -277,6 +333,7 @@ async fn a_commit_never_passes_an_unacknowledged_dead_letter() {
         embedder: app.embedder.clone(),
         clock: app.clock.clone(),
         metrics: metrics.clone(),
+        breakers: Default::default(),
     };
     let consumer = app.log.consumer(&spec.group(), &[TOPIC]);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -39,8 +39,10 @@ fn demo_prints_the_summary_and_a_query_result() {
     let stdout = ok(hartonomous(dir.path(), &["demo"]));
     assert_eq!(summary_number(&stdout, "records in"), 27);
     assert_eq!(summary_number(&stdout, "atoms stored"), 16);
-    assert_eq!(summary_number(&stdout, "duplicates skipped"), 5);
+    assert_eq!(summary_number(&stdout, "duplicates matched"), 5);
+    assert_eq!(summary_number(&stdout, "arrivals recorded"), 21);
     assert_eq!(summary_number(&stdout, "dead-lettered"), 6);
+    assert_eq!(summary_number(&stdout, "events published"), 21, "every accepted request is answered");
     assert!(stdout.contains("(16 contents embedded)"), "{stdout}");
     assert!(stdout.contains("validate.content_type") && stdout.contains("decode.json_syntax"), "{stdout}");
     assert!(stdout.contains("| source_system | atoms | bytes |"), "{stdout}");
@@ -90,11 +92,18 @@ fn run_stores_n_minus_d_minus_b_atoms_and_a_rerun_adds_nothing() {
     let hash = hex::encode(Sha256::digest(one.as_bytes()));
     let found = ok(hartonomous(&data, &["query", &format!("SELECT count(*) FROM atoms WHERE content_hash = '{hash}'")]));
     assert_eq!(cell(&found), "1");
+    // Every accepted request is recorded and answered, repeats included.
+    assert_eq!(summary_number(&first, "events published") as usize, n - b);
+    assert_eq!(cell(&ok(hartonomous(&data, &["query", "SELECT count(*) FROM atom_arrivals"]))), (n - b).to_string());
+    assert_eq!(cell(&ok(hartonomous(&data, &["query", "SELECT count(*) FROM atom_arrivals WHERE outcome = 'matched'"]))), d.to_string());
 
     let second = ok(hartonomous(&data, &["run", "--topology", "atom-ingestion", "--input", input]));
     assert_eq!(summary_number(&second, "atoms stored"), 0);
     assert_eq!(summary_number(&second, "embedding calls"), 0);
+    assert_eq!(summary_number(&second, "arrivals recorded"), 0);
+    assert_eq!(summary_number(&second, "events published") as usize, n - b, "a replay answers again");
     assert_eq!(cell(&ok(hartonomous(&data, &["query", "SELECT count(*) FROM atoms"]))), (n - d - b).to_string());
+    assert_eq!(cell(&ok(hartonomous(&data, &["query", "SELECT count(*) FROM atom_arrivals"]))), (n - b).to_string());
 }
 
 #[test]

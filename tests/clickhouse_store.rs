@@ -130,18 +130,142 @@ async fn migrate_creates_the_tables_and_is_idempotent() {
     let tables = store
         .query_scalar_u64(
             "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name IN \
-             ('hartonomous_migrations', 'atoms', 'dead_letters', 'atoms_per_source_hour', 'atoms_per_source_hour_mv')",
+             ('hartonomous_migrations', 'atoms', 'dead_letters', 'atoms_per_source_hour', 'atoms_per_source_hour_mv', 'atom_arrivals')",
         )
         .await
         .unwrap();
-    assert_eq!(tables, 5);
+    assert_eq!(tables, 6);
+    // The rebuild of 005 left nothing behind.
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase()").await.unwrap(), 6);
     assert_eq!(store.query_scalar_u64("SELECT count() FROM hartonomous_migrations").await.unwrap(), all.len() as u64);
 
     // Another store with migrate_on_start finds everything in place.
     let again = db.store().await;
     assert_eq!(again.query_scalar_u64("SELECT count() FROM hartonomous_migrations").await.unwrap(), all.len() as u64);
     let engines = again.query_text("SHOW CREATE TABLE atoms").await.unwrap();
-    assert!(engines.contains("ReplacingMergeTree(ingested_at_ms)"), "{engines}");
+    assert!(engines.contains("ReplacingMergeTree(first_wins_rank)"), "{engines}");
+}
+
+/// Runs schema files 000..=`last` by hand and records them, as a database
+/// migrated by an older build would be.
+async fn migrate_by_hand_up_to(db: &TestDb, last: &str) {
+    http_post(&db.url, &format!("CREATE DATABASE IF NOT EXISTS {}", db.name)).expect("create the test database");
+    let files = std::iter::once(&hartonomous::store::clickhouse::BOOTSTRAP).chain(MIGRATIONS.iter());
+    for (name, sql) in files {
+        for step in hartonomous::store::clickhouse::split_steps(sql) {
+            assert!(step.guard.is_none(), "{name}: files before the rebuild have no guards");
+            db.exec(&step.sql).await;
+        }
+        if name.starts_with("000") {
+            continue;
+        }
+        let sum = hartonomous::store::clickhouse::checksum(sql);
+        db.exec(&format!("INSERT INTO hartonomous_migrations VALUES ('{name}', '{sum}', now())")).await;
+        if *name == last {
+            return;
+        }
+    }
+}
+
+/// Rows of the old `atoms` (no first_wins_rank), the way the store wrote them.
+async fn old_atoms(db: &TestDb, rows: &[AtomRow]) {
+    for r in rows {
+        db.exec(&format!(
+            "INSERT INTO atoms (content_hash, content, content_size, source_system, source_topic, source_partition, source_offset, \
+             ingested_at, ingested_at_ms, trace_id) VALUES ('{}', 'x', 1, '{}', '{}', {}, {}, toDateTime({}, 'UTC'), {}, '{}')",
+            r.content_hash.to_hex(),
+            r.source_system,
+            r.source_topic,
+            r.source_partition,
+            r.source_offset,
+            r.ingested_at_ms / 1000,
+            r.ingested_at_ms,
+            r.trace_id
+        ))
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_database_from_before_005_is_rebuilt_keeping_its_rows_and_the_first_arrival_wins() {
+    let db = TestDb::new().await;
+    migrate_by_hand_up_to(&db, "003_atoms_per_source_hour.sql").await;
+    // Under the old engine a racing later insert of the same content won; write both.
+    let mut first = atom("raced", 1);
+    first.trace_id = "first".into();
+    let mut later = atom("raced", 2);
+    later.trace_id = "later".into();
+    later.ingested_at_ms += 5_000;
+    let others = atoms("kept", 10);
+    old_atoms(&db, &others).await;
+    old_atoms(&db, &[first.clone(), later.clone()]).await;
+
+    let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms FINAL WHERE trace_id = 'later'").await.unwrap(), 1, "old engine: the later row wins");
+    let applied = store.migrate().await.unwrap();
+    assert_eq!(applied, vec!["004_atom_arrivals.sql".to_string(), "005_atoms_first_arrival_wins.sql".to_string()]);
+
+    assert_eq!(store.count_atoms_final().await.unwrap(), 11, "every atom kept");
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms FINAL WHERE trace_id = 'first'").await.unwrap(), 1, "the first arrival wins now");
+    let engine = store.query_text("SHOW CREATE TABLE atoms").await.unwrap();
+    assert!(engine.contains("ReplacingMergeTree(first_wins_rank)"), "{engine}");
+    // The summary view feeds from the new table.
+    store.insert_atoms(&atoms("after", 3)).await.unwrap();
+    assert_eq!(store.query_scalar_u64("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour").await.unwrap(), 14);
+    // Nothing left behind, and a second migrate is a no-op.
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name LIKE 'atoms\\_%0%'").await.unwrap(), 0);
+    assert!(store.migrate().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_rebuild_interrupted_after_its_rename_completes_on_the_next_migrate() {
+    let db = TestDb::new().await;
+    migrate_by_hand_up_to(&db, "004_atom_arrivals.sql").await;
+    old_atoms(&db, &atoms("before the crash", 25)).await;
+    // The first three steps of 005 ran, then the process died: the new, empty
+    // table is `atoms`, the rows wait in atoms_before_005, the view is gone.
+    let rebuild = hartonomous::store::clickhouse::split_steps(MIGRATIONS[4].1);
+    for step in &rebuild[..3] {
+        db.exec(&step.sql).await;
+    }
+    let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
+    assert_eq!(store.count_atoms_final().await.unwrap(), 0);
+    assert_eq!(store.migrate().await.unwrap(), vec!["005_atoms_first_arrival_wins.sql".to_string()]);
+    assert_eq!(store.count_atoms_final().await.unwrap(), 25, "the copy ran on the retry");
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'atoms_before_005'").await.unwrap(), 0);
+    assert_eq!(store.query_scalar_u64("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour").await.unwrap(), 25, "the view was rebuilt and fed");
+}
+
+#[tokio::test]
+async fn racing_writers_keep_the_lineage_of_the_first_arrival_whatever_lands_first() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    // Two processes stored the same new content from two positions: the
+    // existence check of each ran before the other's insert. Either insert
+    // may land first; the row ingested first is the atom's lineage.
+    let mut early = atom("contested", 1);
+    early.trace_id = "early".into();
+    let mut late = atom("contested", 2);
+    late.trace_id = "late".into();
+    late.ingested_at_ms = early.ingested_at_ms + 250;
+    let mut early2 = atom("contested too", 3);
+    early2.trace_id = "early".into();
+    let mut late2 = atom("contested too", 4);
+    late2.trace_id = "late".into();
+    late2.ingested_at_ms = early2.ingested_at_ms + 250;
+    // One pair lands early-then-late, the other late-then-early, each through its own store.
+    let other = db.store().await;
+    store.insert_atoms(&[early.clone()]).await.unwrap();
+    other.insert_atoms(&[late2.clone()]).await.unwrap();
+    // Behind the existence checks, as the losing racer's insert would be.
+    old_atoms(&db, &[late]).await;
+    old_atoms(&db, &[early2]).await;
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms").await.unwrap(), 4, "both racers' rows are there until a merge");
+    assert_eq!(store.count_atoms_final().await.unwrap(), 2);
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms FINAL WHERE trace_id = 'early'").await.unwrap(), 2);
+    db.exec("OPTIMIZE TABLE atoms FINAL").await;
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms WHERE trace_id = 'early'").await.unwrap(), 2);
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms").await.unwrap(), 2, "merged to the first arrivals");
 }
 
 #[tokio::test]
@@ -185,8 +309,8 @@ async fn a_replay_that_bypasses_the_check_still_counts_each_atom_once() {
     .await;
 
     assert_eq!(store.count_atoms_final().await.unwrap(), 20);
-    // FINAL keeps the latest version of each replayed atom.
-    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms FINAL WHERE trace_id = 'replay'").await.unwrap(), 5);
+    // FINAL keeps the first stored version of each replayed atom: its lineage never moves to a replay.
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms FINAL WHERE trace_id = 'replay'").await.unwrap(), 0);
 
     let total_bytes: u64 = rows.iter().map(|r| r.content.len() as u64).sum();
     assert_eq!(

@@ -1,8 +1,11 @@
 //! Golden-file topology tests: each folder under `tests/golden/<topology>/`
-//! holds `input.jsonl` and the rows the embedded default must produce from
-//! it: `atoms.expected.jsonl` (the store) and `dead_letters.expected.jsonl`
-//! (the dead-letter topic). Run with `UPDATE_GOLDEN=1` to rewrite the
-//! expected files after an intended change, and review the diff.
+//! holds `input.jsonl` and every output the embedded default must produce
+//! from it: `atoms.expected.jsonl` and `atom_arrivals.expected.jsonl` (the
+//! store's tables), `events.expected.jsonl` (the output topic) and
+//! `dead_letters.expected.jsonl` (the dead-letter topic). Times that come
+//! from the clock are left out; everything else is compared. Run with
+//! `UPDATE_GOLDEN=1` to rewrite the expected files after an intended change,
+//! and review the diff.
 
 mod common;
 
@@ -64,6 +67,42 @@ async fn atom_ingestion_golden() {
         }
     }
     compare(&golden.join("atoms.expected.jsonl"), &atoms);
+
+    let sql = "SELECT source_partition, source_offset, content_hash, outcome, content_type, content_size, source_system, correlation_id \
+               FROM atom_arrivals ORDER BY source_partition, source_offset";
+    let mut arrivals = Vec::new();
+    for b in app.store.query(sql).await.unwrap() {
+        for i in 0..b.num_rows() {
+            let s = |c: usize| b.column(c).as_string::<i32>().value(i).to_string();
+            arrivals.push(
+                serde_json::json!({
+                    "source": format!("{}/{}", b.column(0).as_primitive::<Int32Type>().value(i), b.column(1).as_primitive::<Int64Type>().value(i)),
+                    "content_hash": s(2),
+                    "outcome": s(3),
+                    "content_type": s(4),
+                    "content_size": b.column(5).as_primitive::<arrow::datatypes::UInt64Type>().value(i),
+                    "source_system": s(6),
+                    "correlation_id": s(7),
+                })
+                .to_string(),
+            );
+        }
+    }
+    compare(&golden.join("atom_arrivals.expected.jsonl"), &arrivals);
+
+    let reader = &hartonomous::avro::Schemas::current("AtomIngested").unwrap().schema;
+    let publish = spec.stage(|s| if let topology::spec::StageSpec::Publish(p) = s { Some(p) } else { None }).unwrap();
+    let mut events = Vec::new();
+    for r in app.log.records(&publish.topic) {
+        let (_, v) = hartonomous::avro::decode_message(app.registry.as_ref(), reader, &r.payload).await.unwrap();
+        let mut e = hartonomous::avro::avro_to_json(&v);
+        e.as_object_mut().unwrap().remove("ingested_at_ms");
+        e["key"] = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into();
+        events.push(e.to_string());
+    }
+    events.sort();
+    compare(&golden.join("events.expected.jsonl"), &events);
+    assert_eq!(events.len(), arrivals.len(), "one event per arrival");
 
     let mut letters: Vec<String> = app
         .log

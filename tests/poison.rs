@@ -335,6 +335,7 @@ async fn run_with(
         embedder: app.embedder.clone(),
         clock: app.clock.clone(),
         metrics: metrics.clone(),
+        breakers: Default::default(),
     };
     let consumer = app.log.consumer(&spec.group(), &[spec.source.topic.as_str()]);
     let report = topology::atom_ingestion::run(&spec, &deps, consumer, Until::Drained, std::future::pending())

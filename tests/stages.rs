@@ -2,11 +2,11 @@
 //! through `Stage::process` with hand-built items (no runner, no windows).
 //! Fakes for the embedder and the store live at the bottom of this file.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use hartonomous::atom::{AtomIngested, AtomIngestionRequest, AtomRow, ContentHash};
+use hartonomous::atom::{ArrivalOutcome, ArrivalRow, AtomIngested, AtomIngestionRequest, AtomRow, ContentHash, SourcePosition};
 use hartonomous::avro::{self, FileRegistry, SchemaRegistry, Schemas};
 use hartonomous::clock::{self, ManualClock};
 use hartonomous::embed::{EmbedError, Embedder};
@@ -18,9 +18,10 @@ use hartonomous::resilience::{BreakerConfig, CircuitBreaker, Resilient, RetryCon
 use hartonomous::store::embedded::EmbeddedStore;
 use hartonomous::store::{AtomStore, DeadLetterRow, InsertReport, StoreError};
 use hartonomous::topology::atom_ingestion::decode::{self, Decode};
-use hartonomous::topology::atom_ingestion::dedup::{self, Dedup, RecentSet};
+use hartonomous::topology::atom_ingestion::dedup::{self, Admitted, Dedup};
 use hartonomous::topology::atom_ingestion::embed::{Embed, Embedded};
 use hartonomous::topology::atom_ingestion::hash::{self, Hashed};
+use hartonomous::topology::atom_ingestion::ledger::{Fate, Ledger};
 use hartonomous::topology::atom_ingestion::persist::Persist;
 use hartonomous::topology::atom_ingestion::publish::Publish;
 use hartonomous::topology::atom_ingestion::validate;
@@ -343,86 +344,117 @@ async fn hash_is_sha256_of_content_and_request_passes_through() {
 // ---------------------------------------------------------------------------
 
 fn dedup_stage(store: Arc<dyn AtomStore>, capacity: usize) -> Dedup {
-    Dedup { store, recent: RecentSet::shared(capacity), resilient: resilient(clock::system()) }
+    Dedup { store, ledger: Ledger::shared(capacity), resilient: resilient(clock::system()), metrics: Arc::new(Metrics::default()) }
 }
 
-/// Hashes of the items that continued.
-fn continued_contents(out: Vec<Outcome<Hashed>>) -> Vec<String> {
-    out.into_iter()
-        .filter_map(|o| match o {
-            Outcome::Continue(h) => Some(String::from_utf8(h.request.content).unwrap()),
-            _ => None,
+/// One short line per decision: `created`, `created+stored` (a redelivery
+/// of the creator: nothing left to store), `matched:<why>`, with
+/// `+recorded` when the arrival row exists already.
+fn decisions(out: &[Outcome<Admitted>]) -> Vec<String> {
+    out.iter()
+        .map(|o| match o {
+            Outcome::Continue(a) => {
+                let mut s = match (a.outcome, a.matched_by) {
+                    (ArrivalOutcome::Created, _) if a.store_atom => "created".to_string(),
+                    (ArrivalOutcome::Created, _) => "created+stored".to_string(),
+                    (ArrivalOutcome::Matched, by) => format!("matched:{}", by.unwrap_or("?")),
+                };
+                if a.arrival_recorded {
+                    s.push_str("+recorded");
+                }
+                s
+            }
+            other => summary(std::slice::from_ref(other))[0].clone(),
         })
         .collect()
 }
 
 #[tokio::test]
-async fn dedup_second_equal_content_in_one_window_is_skipped() {
+async fn dedup_second_equal_content_in_one_window_is_matched_and_still_answered() {
     let dir = tempfile::tempdir().unwrap();
     let mut stage = dedup_stage(open_store(&dir), 100);
     let out = stage.process(hashed_items(&["a", "b", "a", "c", "b"])).await.unwrap();
-    assert_eq!(summary(&out), vec!["continue", "continue", "skip:duplicate.in_window", "continue", "skip:duplicate.in_window"]);
-    assert!(matches!(out[2], Outcome::Skip(r) if r == dedup::IN_WINDOW));
-    // The value that continues is the one given, with its own hash.
-    let first = match &out[0] {
-        Outcome::Continue(h) => h,
-        _ => unreachable!(),
-    };
-    assert_eq!(first.hash, ContentHash::of(b"a"));
-    assert_eq!(first.request, request("text/plain", b"a"));
-    assert_eq!(continued_contents(out), vec!["a", "b", "c"]);
+    assert_eq!(decisions(&out), vec!["created", "created", "matched:duplicate.in_window", "created", "matched:duplicate.in_window"]);
+    // Every request goes on (it will be answered); the value carries its own request and hash.
+    let all: Vec<Admitted> = out.into_iter().map(continued).collect();
+    assert_eq!(all[0].hashed.hash, ContentHash::of(b"a"));
+    assert_eq!(all[2].hashed.request, request("text/plain", b"a"));
+    assert_eq!(stage.metrics.matched_by_reason().get(dedup::IN_WINDOW), Some(&2));
 }
 
 #[tokio::test]
-async fn dedup_hash_admitted_in_an_earlier_window_is_recent() {
+async fn dedup_content_admitted_in_an_earlier_window_is_recent() {
     let dir = tempfile::tempdir().unwrap();
     let mut stage = dedup_stage(open_store(&dir), 100);
     let first = stage.process(hashed_items(&["a", "b"])).await.unwrap();
-    assert_eq!(summary(&first), vec!["continue", "continue"]);
-    // Nothing was stored in between: only the recent set knows "a" and "b".
+    assert_eq!(decisions(&first), vec!["created", "created"]);
+    // Nothing was stored in between: only the ledger knows "a" and "b".
     let second = stage.process(hashed_items(&["c", "a", "b", "c"])).await.unwrap();
-    assert_eq!(summary(&second), vec!["continue", "skip:duplicate.recent", "skip:duplicate.recent", "skip:duplicate.in_window"]);
-    assert!(matches!(second[1], Outcome::Skip(r) if r == dedup::RECENT));
+    assert_eq!(decisions(&second), vec!["created", "matched:duplicate.recent", "matched:duplicate.recent", "matched:duplicate.in_window"]);
 }
 
 #[tokio::test]
-async fn dedup_hash_already_in_the_store_is_skipped() {
+async fn dedup_content_in_the_store_is_matched_unless_this_request_created_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir);
-    let report = store.insert_atoms(&[atom_row("stored before", 0)]).await.unwrap();
-    assert_eq!(report.inserted, 1);
+    // Stored by the request at partition 0, offset 1 (before a crash, say).
+    assert_eq!(store.insert_atoms(&[atom_row("stored before", 1)]).await.unwrap().inserted, 1);
     let mut stage = dedup_stage(store, 100);
     let out = stage.process(hashed_items(&["new", "stored before", "stored before"])).await.unwrap();
-    assert_eq!(summary(&out), vec!["continue", "skip:duplicate.in_store", "skip:duplicate.in_window"]);
-    assert!(matches!(out[1], Outcome::Skip(r) if r == dedup::IN_STORE));
-    // A stored hash is not admitted into the recent set: next time it is still "in store".
+    // Offset 1 is the atom's creator redelivered: created again, nothing to store.
+    // Offset 2 repeats it, and would whatever the window.
+    assert_eq!(decisions(&out), vec!["created", "created+stored", "matched:duplicate.in_store"]);
     let again = stage.process(hashed_items(&["stored before"])).await.unwrap();
-    assert_eq!(summary(&again), vec!["skip:duplicate.in_store"]);
+    assert_eq!(decisions(&again), vec!["matched:duplicate.in_store"], "offset 0 is another request");
 }
 
 #[tokio::test]
-async fn dedup_recent_set_is_bounded_so_an_evicted_unstored_hash_continues_again() {
+async fn dedup_a_recorded_arrival_keeps_its_outcome_on_redelivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir);
+    store.insert_atoms(&[atom_row("x", 5)]).await.unwrap();
+    // Offset 0 was answered `matched` and offset 1 `created` before a crash
+    // (another process's race put the atom's lineage elsewhere): their
+    // recorded outcomes stand, whatever the lineage says now.
+    let arrival = |offset: i64, outcome| ArrivalRow {
+        source_topic: TOPIC.into(),
+        source_partition: 0,
+        source_offset: offset,
+        content_hash: ContentHash::of(b"x"),
+        outcome,
+        content_type: "text/plain".into(),
+        content_size: 1,
+        source_system: "tests".into(),
+        correlation_id: format!("c{offset}"),
+        event_time_ms: 0,
+        arrived_at_ms: 0,
+        trace_id: String::new(),
+    };
+    store.insert_arrivals(&[arrival(0, ArrivalOutcome::Matched), arrival(1, ArrivalOutcome::Created)]).await.unwrap();
+    let mut stage = dedup_stage(store, 100);
+    let out = stage.process(hashed_items(&["x", "x", "x"])).await.unwrap();
+    assert_eq!(decisions(&out), vec!["matched:duplicate.in_store+recorded", "created+stored+recorded", "matched:duplicate.in_store"]);
+}
+
+#[tokio::test]
+async fn dedup_ledger_is_bounded_so_an_evicted_unstored_content_is_created_again() {
     let dir = tempfile::tempdir().unwrap();
     let mut stage = dedup_stage(open_store(&dir), 1);
-    assert_eq!(summary(&stage.process(hashed_items(&["a"])).await.unwrap()), vec!["continue"]);
-    assert_eq!(summary(&stage.process(hashed_items(&["a"])).await.unwrap()), vec!["skip:duplicate.recent"]);
+    assert_eq!(decisions(&stage.process(hashed_items(&["a"])).await.unwrap()), vec!["created"]);
+    assert_eq!(decisions(&stage.process(hashed_items(&["a"])).await.unwrap()), vec!["matched:duplicate.recent"]);
     // "b" takes the only place; "a" is forgotten and was never stored.
-    assert_eq!(summary(&stage.process(hashed_items(&["b"])).await.unwrap()), vec!["continue"]);
-    assert_eq!(summary(&stage.process(hashed_items(&["a"])).await.unwrap()), vec!["continue"]);
-    assert_eq!(summary(&stage.process(hashed_items(&["b"])).await.unwrap()), vec!["continue"]);
+    assert_eq!(decisions(&stage.process(hashed_items(&["b"])).await.unwrap()), vec!["created"]);
+    assert_eq!(decisions(&stage.process(hashed_items(&["a"])).await.unwrap()), vec!["created"]);
 }
 
 #[tokio::test]
-async fn dedup_asks_the_store_only_about_undecided_hashes() {
+async fn dedup_asks_the_store_once_per_window_and_about_arrivals_only_for_stored_contents() {
     let store = Arc::new(FakeStore::default());
     let mut stage = dedup_stage(store.clone(), 100);
     stage.process(hashed_items(&["a", "b", "a"])).await.unwrap();
     assert_eq!(store.lookups(), vec![vec![ContentHash::of(b"a"), ContentHash::of(b"b")]]);
-    // Every item decided by the window or the recent set: no look-up at all.
-    let out = stage.process(hashed_items(&["a", "b", "b"])).await.unwrap();
-    assert_eq!(summary(&out), vec!["skip:duplicate.recent", "skip:duplicate.recent", "skip:duplicate.in_window"]);
-    assert_eq!(store.lookups().len(), 1);
-    // An empty window makes no call either.
+    assert!(store.arrival_lookups().is_empty(), "nothing stored: no arrival can exist");
+    // An empty window makes no call.
     assert!(stage.process(Vec::new()).await.unwrap().is_empty());
     assert_eq!(store.lookups().len(), 1);
 }
@@ -436,10 +468,10 @@ async fn dedup_fatal_store_error_fails_the_batch() {
     assert!(err.message.contains("disk is gone"), "{err}");
     // Fatal is not retried.
     assert_eq!(store.lookups().len(), 1);
-    // Nothing was admitted into the recent set by the failed batch.
+    // Nothing was admitted by the failed batch.
     let store_ok: Arc<dyn AtomStore> = Arc::new(FakeStore::default());
     stage.store = store_ok;
-    assert_eq!(summary(&stage.process(hashed_items(&["a"])).await.unwrap()), vec!["continue"]);
+    assert_eq!(decisions(&stage.process(hashed_items(&["a"])).await.unwrap()), vec!["created"]);
 }
 
 // ---------------------------------------------------------------------------
@@ -448,38 +480,59 @@ async fn dedup_fatal_store_error_fails_the_batch() {
 
 fn embed_stage(embedder: Arc<FakeEmbedder>, concurrency: usize) -> (Embed, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::default());
-    (Embed { embedder, metrics: metrics.clone(), concurrency, recent: None }, metrics)
+    let stage = Embed {
+        embedder,
+        metrics: metrics.clone(),
+        concurrency,
+        clock: clock::system(),
+        ledger: None,
+        outage: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    (stage, metrics)
 }
 
 fn embedded(o: Outcome<Embedded>) -> Embedded {
     continued(o)
 }
 
+/// New contents, as dedup admits them.
+fn admitted(content_type: &str, content: &[u8]) -> Admitted {
+    Admitted::created(hashed(content_type, content))
+}
+
+fn admitted_items(contents: &[&str]) -> Vec<Item<Admitted>> {
+    contents.iter().enumerate().map(|(i, c)| item(plain_record(i as i64), admitted("text/plain", c.as_bytes()))).collect()
+}
+
 #[tokio::test]
 async fn embed_sends_texts_in_calls_of_max_batch_and_puts_vectors_on_the_right_items() {
     let embedder = FakeEmbedder::new(2, Mode::Normal);
     let (mut stage, metrics) = embed_stage(embedder.clone(), 2);
+    let mut repeat = admitted("text/plain", b"already stored");
+    repeat.store_atom = false;
+    repeat.outcome = ArrivalOutcome::Matched;
     let items = vec![
-        item(plain_record(0), hashed("text/plain", b"a")),
-        item(plain_record(1), hashed("text/plain", b"bb")),
-        item(plain_record(2), hashed("application/octet-stream", &[0xff, 0x00, 0x01])),
-        item(plain_record(3), hashed("text/markdown", b"dddd")),
-        item(plain_record(4), hashed("application/json", b"{\"e\":5}")),
-        item(plain_record(5), hashed("application/octet-stream", b"binary too")),
-        item(plain_record(6), hashed("text/plain; charset=utf-8", b"ffffff")),
+        item(plain_record(0), admitted("text/plain", b"a")),
+        item(plain_record(1), admitted("text/plain", b"bb")),
+        item(plain_record(2), admitted("application/octet-stream", &[0xff, 0x00, 0x01])),
+        item(plain_record(3), admitted("text/markdown", b"dddd")),
+        item(plain_record(4), admitted("application/json", b"{\"e\":5}")),
+        item(plain_record(5), admitted("application/octet-stream", b"binary too")),
+        item(plain_record(6), admitted("text/plain; charset=utf-8", b"ffffff")),
+        item(plain_record(7), repeat),
     ];
-    let inputs: Vec<Hashed> = items.iter().map(|i| i.value.clone()).collect();
+    let inputs: Vec<Hashed> = items.iter().map(|i| i.value.hashed.clone()).collect();
     let out = stage.process(items).await.unwrap();
-    assert_eq!(out.len(), 7);
+    assert_eq!(out.len(), 8);
     let out: Vec<Embedded> = out.into_iter().map(embedded).collect();
     for (e, input) in out.iter().zip(&inputs) {
-        assert_eq!(e.hashed.hash, input.hash);
-        assert_eq!(e.hashed.request, input.request);
+        assert_eq!(e.admitted.hashed.hash, input.hash);
+        assert_eq!(e.admitted.hashed.request, input.request);
     }
     let lens: Vec<Vec<f32>> = out.iter().map(|e| e.embedding.clone()).collect();
-    assert_eq!(lens, vec![vec![1.0, 1.0], vec![2.0, 1.0], vec![], vec![4.0, 1.0], vec![7.0, 1.0], vec![], vec![6.0, 1.0]]);
+    assert_eq!(lens, vec![vec![1.0, 1.0], vec![2.0, 1.0], vec![], vec![4.0, 1.0], vec![7.0, 1.0], vec![], vec![6.0, 1.0], vec![]]);
 
-    // Only text was sent, each call within max_batch, every text exactly once.
+    // Only new text was sent (never the repeat), each call within max_batch, every text exactly once.
     let calls = embedder.calls();
     assert!(calls.iter().all(|c| !c.is_empty() && c.len() <= 2), "{calls:?}");
     assert_eq!(calls.len(), 3, "{calls:?}");
@@ -494,7 +547,7 @@ async fn embed_sends_texts_in_calls_of_max_batch_and_puts_vectors_on_the_right_i
 async fn embed_batch_of_only_non_text_makes_no_call() {
     let embedder = FakeEmbedder::new(4, Mode::Normal);
     let (mut stage, metrics) = embed_stage(embedder.clone(), 1);
-    let items = vec![item(plain_record(0), hashed("application/octet-stream", b"x")), item(plain_record(1), hashed("image/png", b"y"))];
+    let items = vec![item(plain_record(0), admitted("application/octet-stream", b"x")), item(plain_record(1), admitted("image/png", b"y"))];
     let out: Vec<Embedded> = stage.process(items).await.unwrap().into_iter().map(embedded).collect();
     assert!(out.iter().all(|e| e.embedding.is_empty()));
     assert!(embedder.calls().is_empty());
@@ -507,12 +560,17 @@ async fn embed_batch_of_only_non_text_makes_no_call() {
 async fn embed_rejected_call_is_split_so_only_the_refused_text_is_invalid() {
     let embedder = FakeEmbedder::new(3, Mode::RefuseBad);
     let (mut stage, metrics) = embed_stage(embedder.clone(), 1);
-    let items = hashed_items(&["ok one", "this is BAD", "ok three", "ok four"]);
+    let ledger = Ledger::shared(10);
+    ledger.lock().unwrap().admit(ContentHash::of(b"this is BAD"));
+    stage.ledger = Some(ledger.clone());
+    let items = admitted_items(&["ok one", "this is BAD", "ok three", "ok four"]);
     let out = stage.process(items).await.unwrap();
     assert_eq!(summary(&out), vec!["continue", "invalid:embed.rejected", "continue", "continue"]);
     let r = rejection(&out[1]);
     assert_eq!(r.attempts, 1);
     assert!(r.message.contains("BAD is not allowed"), "{r:?}");
+    // The ledger remembers the refusal, so a repeat in flight is answered with it.
+    assert!(matches!(ledger.lock().unwrap().fate(&ContentHash::of(b"this is BAD")), Some(Fate::Rejected(r)) if r.code == "embed.rejected"));
     let lens: Vec<f32> = out.into_iter().filter_map(|o| if let Outcome::Continue(e) = o { Some(e.embedding[0]) } else { None }).collect();
     assert_eq!(lens, vec![6.0, 8.0, 7.0]);
     // One refused call of three, then one call per text of it, then the last chunk.
@@ -532,34 +590,43 @@ async fn embed_rejected_call_is_split_so_only_the_refused_text_is_invalid() {
 }
 
 #[tokio::test]
-async fn embed_unavailable_dead_letters_every_item_of_that_call_with_its_attempts() {
-    let embedder = FakeEmbedder::new(2, Mode::DownOn("DOWN", 4));
+async fn embed_unavailable_service_is_waited_for_and_nothing_is_dead_lettered() {
+    // Down for the first three calls that carry the marker, then back.
+    let embedder = FakeEmbedder::new(2, Mode::DownFor("DOWN", 3));
+    let clock = ManualClock::new(0);
     let (mut stage, metrics) = embed_stage(embedder.clone(), 2);
+    stage.clock = clock.shared();
     let items = vec![
-        item(plain_record(0), hashed("text/plain", b"first")),
-        item(plain_record(1), hashed("application/octet-stream", b"not sent")),
-        item(plain_record(2), hashed("text/plain", b"DOWN here")),
-        item(plain_record(3), hashed("text/plain", b"third")),
-        item(plain_record(4), hashed("text/plain", b"fourth")),
+        item(plain_record(0), admitted("text/plain", b"first")),
+        item(plain_record(1), admitted("application/octet-stream", b"not sent")),
+        item(plain_record(2), admitted("text/plain", b"DOWN here")),
+        item(plain_record(3), admitted("text/plain", b"third")),
+        item(plain_record(4), admitted("text/plain", b"fourth")),
     ];
-    let out = stage.process(items).await.unwrap();
-    assert_eq!(summary(&out), vec!["invalid:embed.unavailable", "continue", "invalid:embed.unavailable", "continue", "continue"]);
-    for i in [0, 2] {
-        let r = rejection(&out[i]);
-        assert_eq!(r.attempts, 4, "{r:?}");
-        assert!(r.message.contains("503"), "{r:?}");
+    let task = tokio::spawn(async move { stage.process(items).await });
+    // Time passes only on the manual clock: each round of the outage waits on it.
+    while !task.is_finished() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        clock.advance(std::time::Duration::from_secs(1));
     }
-    // Unavailable is final for the call: no split, no retry here.
-    assert_eq!(embedder.calls().len(), 2);
-    assert_eq!(Metrics::get(&metrics.embedding_calls), 2);
-    assert_eq!(Metrics::get(&metrics.embedded_texts), 2);
+    let out = task.await.unwrap().unwrap();
+    assert_eq!(summary(&out), vec!["continue"; 5], "an outage is backpressure, never a dead letter");
+    let out: Vec<Embedded> = out.into_iter().map(embedded).collect();
+    assert_eq!(out[0].embedding, vec![5.0, 1.0]);
+    assert_eq!(out[2].embedding, vec![9.0, 1.0]);
+    // The chunk with the marker was tried until it worked (3 failures + 1).
+    let tries = embedder.calls().iter().filter(|c| c.iter().any(|t| t.contains("DOWN"))).count();
+    assert_eq!(tries, 4);
+    assert_eq!(Metrics::get(&metrics.embedded_texts), 4);
 }
 
 #[tokio::test]
 async fn embed_misconfigured_model_is_fatal() {
     let embedder = FakeEmbedder::new(2, Mode::Misconfigured);
     let (mut stage, _) = embed_stage(embedder, 1);
-    let err = stage.process(hashed_items(&["a", "b", "c"])).await.unwrap_err();
+    let err = stage.process(admitted_items(&["a", "b", "c"])).await.unwrap_err();
     assert_eq!(err.stage, "embed");
     assert!(err.message.contains("wrong dimension"), "{err}");
 }
@@ -568,7 +635,7 @@ async fn embed_misconfigured_model_is_fatal() {
 async fn embed_wrong_number_of_vectors_is_fatal() {
     let embedder = FakeEmbedder::new(4, Mode::DropLast);
     let (mut stage, _) = embed_stage(embedder, 1);
-    let err = stage.process(hashed_items(&["a", "b"])).await.unwrap_err();
+    let err = stage.process(admitted_items(&["a", "b"])).await.unwrap_err();
     assert_eq!(err.stage, "embed");
     assert!(err.message.contains("1 vectors for 2 texts"), "{err}");
 }
@@ -588,13 +655,18 @@ fn persist_stage(store: Arc<dyn AtomStore>, clock: &ManualClock) -> (Persist, Ar
         metrics: metrics.clone(),
         clock: clock.shared(),
         embedding_model: MODEL.into(),
-        recent: None,
+        embedding_dimension: 2,
+        ledger: None,
     };
     (stage, metrics)
 }
 
-/// Three items from different positions: one with `created_at_ms` and a
-/// trace, one without either, and one binary (not embedded).
+fn new_atom(h: Hashed, embedding: Vec<f32>) -> Embedded {
+    Embedded { admitted: Admitted::created(h), embedding }
+}
+
+/// Three new contents from different positions: one with `created_at_ms` and
+/// a trace, one without either, and one binary (not embedded).
 fn persist_items() -> Vec<Item<Embedded>> {
     let mut with_time = hashed("text/plain", b"alpha");
     with_time.request.created_at_ms = Some(1_690_000_000_000);
@@ -603,10 +675,41 @@ fn persist_items() -> Vec<Item<Embedded>> {
     no_metadata.request.metadata.clear();
     let binary = hashed("application/octet-stream", &[0xde, 0xad]);
     vec![
-        item(record(3, 41, Some("k41"), b"orig".to_vec(), &[("traceparent", TRACEPARENT)]), Embedded { hashed: with_time, embedding: vec![0.5, -0.25] }),
-        item(record(0, 7, None, Vec::new(), &[]), Embedded { hashed: no_metadata, embedding: vec![1.0, 2.0] }),
-        item(record(1, 9, None, Vec::new(), &[("other", "x")]), Embedded { hashed: binary, embedding: Vec::new() }),
+        item(record(3, 41, Some("k41"), b"orig".to_vec(), &[("traceparent", TRACEPARENT)]), new_atom(with_time, vec![0.5, -0.25])),
+        item(record(0, 7, None, Vec::new(), &[]), new_atom(no_metadata, vec![1.0, 2.0])),
+        item(record(1, 9, None, Vec::new(), &[("other", "x")]), new_atom(binary, Vec::new())),
     ]
+}
+
+async fn stored_atoms(store: &EmbeddedStore) -> Vec<AtomRow> {
+    use arrow::array::AsArray;
+    let sql = "SELECT content_hash, content_type, content, source_system, correlation_id, metadata, embedding, embedding_model, \
+               CAST(event_time AS BIGINT), source_topic, source_partition, source_offset, CAST(ingested_at AS BIGINT), trace_id \
+               FROM atoms ORDER BY source_partition DESC, source_offset";
+    let mut rows = Vec::new();
+    for b in store.query(sql).await.unwrap() {
+        for i in 0..b.num_rows() {
+            let s = |c: usize| b.column(c).as_string::<i32>().value(i).to_string();
+            let embedding = b.column(6).as_list::<i32>().value(i);
+            rows.push(AtomRow {
+                content_hash: ContentHash::from_hex(&s(0)).unwrap(),
+                content_type: s(1),
+                content: b.column(2).as_binary::<i32>().value(i).to_vec(),
+                source_system: s(3),
+                correlation_id: s(4),
+                metadata_json: s(5),
+                embedding: embedding.as_primitive::<arrow::datatypes::Float32Type>().values().to_vec(),
+                embedding_model: s(7),
+                event_time_ms: b.column(8).as_primitive::<arrow::datatypes::Int64Type>().value(i),
+                source_topic: s(9),
+                source_partition: b.column(10).as_primitive::<arrow::datatypes::Int32Type>().value(i),
+                source_offset: b.column(11).as_primitive::<arrow::datatypes::Int64Type>().value(i),
+                ingested_at_ms: b.column(12).as_primitive::<arrow::datatypes::Int64Type>().value(i),
+                trace_id: s(13),
+            });
+        }
+    }
+    rows
 }
 
 #[tokio::test]
@@ -616,7 +719,7 @@ async fn persist_rows_carry_lineage_metadata_event_time_and_trace() {
     let clock = ManualClock::new(NOW_MS);
     let (mut stage, metrics) = persist_stage(store.clone(), &clock);
     let out = stage.process(persist_items()).await.unwrap();
-    let rows: Vec<AtomRow> = out.into_iter().map(continued).collect();
+    let events: Vec<AtomIngested> = out.into_iter().map(continued).collect();
 
     let expected = vec![
         AtomRow {
@@ -636,22 +739,6 @@ async fn persist_rows_carry_lineage_metadata_event_time_and_trace() {
             trace_id: TRACEPARENT.split('-').nth(1).unwrap().into(),
         },
         AtomRow {
-            content_hash: ContentHash::of(b"beta"),
-            content_type: "text/plain".into(),
-            content: b"beta".to_vec(),
-            source_system: "tests".into(),
-            correlation_id: "corr-beta".into(),
-            metadata_json: "{}".into(),
-            embedding: vec![1.0, 2.0],
-            embedding_model: MODEL.into(),
-            event_time_ms: EVENT_TIME_MS + 7, // the record's event time
-            source_topic: TOPIC.into(),
-            source_partition: 0,
-            source_offset: 7,
-            ingested_at_ms: NOW_MS,
-            trace_id: String::new(),
-        },
-        AtomRow {
             content_hash: ContentHash::of(&[0xde, 0xad]),
             content_type: "application/octet-stream".into(),
             content: vec![0xde, 0xad],
@@ -667,60 +754,102 @@ async fn persist_rows_carry_lineage_metadata_event_time_and_trace() {
             ingested_at_ms: NOW_MS,
             trace_id: String::new(),
         },
+        AtomRow {
+            content_hash: ContentHash::of(b"beta"),
+            content_type: "text/plain".into(),
+            content: b"beta".to_vec(),
+            source_system: "tests".into(),
+            correlation_id: "corr-beta".into(),
+            metadata_json: "{}".into(),
+            embedding: vec![1.0, 2.0],
+            embedding_model: MODEL.into(),
+            event_time_ms: EVENT_TIME_MS + 7, // the record's event time
+            source_topic: TOPIC.into(),
+            source_partition: 0,
+            source_offset: 7,
+            ingested_at_ms: NOW_MS,
+            trace_id: String::new(),
+        },
     ];
-    assert_eq!(rows, expected);
+    assert_eq!(stored_atoms(&store).await, expected);
     // metadata_json is the JSON of the map.
-    let parsed: BTreeMap<String, String> = serde_json::from_str(&rows[0].metadata_json).unwrap();
-    assert_eq!(parsed, persist_items()[0].value.hashed.request.metadata);
-
+    let parsed: BTreeMap<String, String> = serde_json::from_str(&expected[0].metadata_json).unwrap();
+    assert_eq!(parsed, persist_items()[0].value.admitted.hashed.request.metadata);
     assert_eq!(Metrics::get(&metrics.atoms_stored), 3);
-    assert_eq!(store.atom_count(), 3);
-    let hashes: Vec<ContentHash> = expected.iter().map(|r| r.content_hash).collect();
-    assert_eq!(store.existing_hashes(&hashes).await.unwrap(), hashes.iter().copied().collect::<HashSet<_>>());
-    // Lineage made it to the table, not only to the returned rows.
-    let text = store.query_to_string("SELECT source_topic, source_partition, source_offset, trace_id FROM atoms WHERE source_offset = 41").await.unwrap();
-    assert!(text.contains(TOPIC) && text.contains("| 3 ") && text.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{text}");
+    assert_eq!(store.arrival_count(), 3, "each request has its arrival");
+    assert_eq!(Metrics::get(&metrics.arrivals_stored), 3);
+
+    // The answers: created, with the request's own position and the embedding's shape.
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| e.outcome == ArrivalOutcome::Created && e.ingested_at_ms == NOW_MS));
+    assert_eq!((events[0].source_partition, events[0].source_offset, events[0].embedding_dimension), (3, 41, 2));
+    assert_eq!(events[0].embedding_model, MODEL);
+    assert_eq!((events[2].embedding_model.as_str(), events[2].embedding_dimension), ("", 0), "binary: not embedded");
 
     // The clock, not the wall, stamps ingestion.
     clock.advance(std::time::Duration::from_secs(5));
-    let later = stage.process(vec![item(plain_record(50), Embedded { hashed: hashed("text/plain", b"gamma"), embedding: vec![1.0] })]).await.unwrap();
+    let later = stage.process(vec![item(plain_record(50), new_atom(hashed("text/plain", b"gamma"), vec![1.0]))]).await.unwrap();
     assert_eq!(continued(later.into_iter().next().unwrap()).ingested_at_ms, NOW_MS + 5_000);
 }
 
 #[tokio::test]
-async fn persist_same_items_twice_stores_once() {
+async fn persist_repeats_store_only_their_arrival_and_are_answered_matched() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir);
     let clock = ManualClock::new(NOW_MS);
     let (mut stage, metrics) = persist_stage(store.clone(), &clock);
-    assert_eq!(summary(&stage.process(persist_items()).await.unwrap()), vec!["continue"; 3]);
-    assert_eq!(Metrics::get(&metrics.atoms_stored), 3);
-    // A replay: every item still continues (its event must still go out), nothing new is stored.
-    assert_eq!(summary(&stage.process(persist_items()).await.unwrap()), vec!["continue"; 3]);
+    let mut repeat = Admitted::created(hashed("text/plain", b"alpha"));
+    repeat.outcome = ArrivalOutcome::Matched;
+    repeat.matched_by = Some(dedup::IN_WINDOW);
+    repeat.store_atom = false;
+    let mut items = persist_items();
+    items.push(item(record(3, 42, None, Vec::new(), &[]), Embedded { admitted: repeat, embedding: Vec::new() }));
+    let out: Vec<AtomIngested> = stage.process(items).await.unwrap().into_iter().map(continued).collect();
+    assert_eq!(store.atom_count(), 3);
+    assert_eq!(store.arrival_count(), 4);
+    let answer = &out[3];
+    assert_eq!((answer.outcome, answer.source_offset, answer.embedding_dimension), (ArrivalOutcome::Matched, 42, 0));
+    assert_eq!(answer.content_hash, ContentHash::of(b"alpha").to_hex());
+    // A replay: every request still answered, nothing new stored.
+    let again = stage.process(persist_items()).await.unwrap();
+    assert_eq!(summary(&again), vec!["continue"; 3]);
     assert_eq!(Metrics::get(&metrics.atoms_stored), 3);
     assert_eq!(store.atom_count(), 3);
-    use arrow::array::AsArray;
-    let batches = store.query("SELECT count(*) FROM atoms").await.unwrap();
-    assert_eq!(batches[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 3);
+    assert_eq!(store.arrival_count(), 4);
 }
 
 #[tokio::test]
-async fn persist_row_rejected_by_the_store_is_isolated() {
+async fn persist_row_rejected_by_the_store_is_isolated_and_its_repeats_answer_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let inner = open_store(&dir);
     let poison = ContentHash::of(b"beta");
     let store = Arc::new(FakeStore { inner: Some(inner.clone()), reject: Some(poison), ..FakeStore::default() });
     let clock = ManualClock::new(NOW_MS);
     let (mut stage, metrics) = persist_stage(store.clone(), &clock);
-    let out = stage.process(persist_items()).await.unwrap();
-    assert_eq!(summary(&out), vec!["continue", "invalid:persist.rejected", "continue"]);
+    let ledger = Ledger::shared(10);
+    for i in persist_items() {
+        ledger.lock().unwrap().admit(i.value.admitted.hashed.hash);
+    }
+    stage.ledger = Some(ledger.clone());
+    // A repeat of the poison content in the same window.
+    let mut repeat = Admitted::created(hashed("text/plain", b"beta"));
+    repeat.outcome = ArrivalOutcome::Matched;
+    repeat.matched_by = Some(dedup::IN_WINDOW);
+    repeat.store_atom = false;
+    let mut items = persist_items();
+    items.push(item(record(0, 8, None, Vec::new(), &[]), Embedded { admitted: repeat, embedding: Vec::new() }));
+    let out = stage.process(items).await.unwrap();
+    assert_eq!(summary(&out), vec!["continue", "invalid:persist.rejected", "continue", "invalid:persist.rejected"]);
     let r = rejection(&out[1]);
     assert_eq!(r.attempts, 1);
     assert!(r.message.contains(&poison.to_hex()), "{r:?}");
-    assert_eq!(continued(out[0].clone()).content_hash, ContentHash::of(b"alpha"));
+    assert!(rejection(&out[3]).message.contains("same content as an earlier request"), "{:?}", rejection(&out[3]));
+    assert_eq!(continued(out[0].clone()).content_hash, ContentHash::of(b"alpha").to_hex());
     assert_eq!(Metrics::get(&metrics.atoms_stored), 2);
     assert_eq!(inner.atom_count(), 2);
+    assert_eq!(inner.arrival_count(), 2, "dead-lettered requests have no arrival");
     assert!(inner.existing_hashes(&[poison]).await.unwrap().is_empty());
+    assert_eq!(ledger.lock().unwrap().fate(&ContentHash::of(b"alpha")), Some(&Fate::Stored));
     // The whole batch first, then one row at a time.
     assert_eq!(store.insert_sizes(), vec![3, 1, 1, 1]);
 }
@@ -742,6 +871,23 @@ async fn persist_fatal_store_error_fails_the_batch() {
 
 const OUT_TOPIC: &str = "atoms.ingested";
 
+fn event(content: &str, offset: i64, outcome: ArrivalOutcome) -> AtomIngested {
+    AtomIngested {
+        content_hash: ContentHash::of(content.as_bytes()).to_hex(),
+        content_type: "text/plain".into(),
+        content_size: content.len() as i64,
+        source_system: "tests".into(),
+        correlation_id: format!("corr-{offset}"),
+        embedding_model: if outcome == ArrivalOutcome::Created { "fake-model".into() } else { String::new() },
+        embedding_dimension: if outcome == ArrivalOutcome::Created { 3 } else { 0 },
+        source_topic: TOPIC.into(),
+        source_partition: 0,
+        source_offset: offset,
+        ingested_at_ms: 1_700_000_000_000 + offset,
+        outcome,
+    }
+}
+
 #[tokio::test]
 async fn publish_one_decodable_event_per_item_keyed_by_hash_with_trace() {
     let dir = tempfile::tempdir().unwrap();
@@ -754,16 +900,14 @@ async fn publish_one_decodable_event_per_item_keyed_by_hash_with_trace() {
         .await
         .unwrap();
 
-    let mut rows = vec![atom_row("alpha", 0), atom_row("beta", 1), atom_row("gamma", 2)];
-    rows[1].embedding.clear();
-    rows[1].embedding_model.clear();
-    rows[2].source_partition = 4;
+    let mut events = vec![event("alpha", 0, ArrivalOutcome::Created), event("beta", 1, ArrivalOutcome::Created), event("alpha", 2, ArrivalOutcome::Matched)];
+    events[2].source_partition = 4;
     let records = vec![
         record(0, 0, Some("k0"), b"in-0".to_vec(), &[("traceparent", TRACEPARENT), ("content-type", "application/json")]),
         record(0, 1, None, b"in-1".to_vec(), &[]),
         record(4, 2, None, b"in-2".to_vec(), &[("other", "x")]),
     ];
-    let items = records.into_iter().zip(rows.iter().cloned()).map(|(r, row)| item(r, row)).collect();
+    let items = records.into_iter().zip(events.iter().cloned()).map(|(r, e)| item(r, e)).collect();
     let out = stage.process(items).await.unwrap();
     assert_eq!(out, vec![Outcome::Continue(()); 3]);
     assert_eq!(Metrics::get(&metrics.events_published), 3);
@@ -771,30 +915,28 @@ async fn publish_one_decodable_event_per_item_keyed_by_hash_with_trace() {
     let published = log.records(OUT_TOPIC);
     assert_eq!(published.len(), 3);
     let reader = &Schemas::current(avro::ATOM_INGESTED).unwrap().schema;
-    for row in &rows {
-        let hex = row.content_hash.to_hex();
-        let matching: Vec<&Record> = published.iter().filter(|r| r.key.as_deref() == Some(hex.as_bytes())).collect();
-        assert_eq!(matching.len(), 1, "one event for {hex}");
-        let rec = matching[0];
+    for (rec, sent) in published.iter().zip(&events) {
+        assert_eq!(rec.key.as_deref(), Some(sent.content_hash.as_bytes()), "keyed by content hash");
         let (id, value) = avro::decode_message(&registry, reader, &rec.payload).await.unwrap();
         assert_eq!(id, stage.schema_id);
-        let event: AtomIngested = apache_avro::from_value(&value).unwrap();
-        assert_eq!(event, Publish::event(row));
-        assert_eq!(event.content_hash, hex);
-        assert_eq!(rec.event_time_ms, row.ingested_at_ms);
+        let back: AtomIngested = apache_avro::from_value(&value).unwrap();
+        assert_eq!(&back, sent);
+        assert_eq!(rec.event_time_ms, sent.ingested_at_ms);
     }
     // The event schema is registered under the topic's subject.
     let subjects: Vec<String> = registry.list().into_iter().map(|r| r.subject).collect();
     assert_eq!(subjects, vec![Schemas::subject(OUT_TOPIC)]);
 
     // Only `traceparent` is copied, and only where the source had one.
-    let by_key = |row: &AtomRow| published.iter().find(|r| r.key.as_deref() == Some(row.content_hash.to_hex().as_bytes())).unwrap().clone();
-    let traced = by_key(&rows[0]);
-    assert_eq!(traced.headers.get_str("traceparent"), Some(TRACEPARENT));
-    assert_eq!(traced.headers.iter().count(), 1);
-    for row in &rows[1..] {
-        assert_eq!(by_key(row).headers.iter().count(), 0);
-    }
+    assert_eq!(published[0].headers.get_str("traceparent"), Some(TRACEPARENT));
+    assert_eq!(published[0].headers.iter().count(), 1);
+    assert!(published[1..].iter().all(|r| r.headers.iter().count() == 0));
+
+    // A reader still on version 1 of the schema decodes version-2 events (it ignores `outcome`).
+    let v1 = &Schemas::version(avro::ATOM_INGESTED, 1).unwrap().schema;
+    let (_, old) = avro::decode_message(&registry, v1, &published[2].payload).await.unwrap();
+    let old = apache_avro::from_value::<AtomIngested>(&old).unwrap();
+    assert_eq!(old.source_offset, 2);
 }
 
 #[tokio::test]
@@ -821,8 +963,8 @@ enum Mode {
     Normal,
     /// A call containing a text with "BAD" is refused as a whole.
     RefuseBad,
-    /// A call containing a text with the marker fails as unavailable after this many attempts.
-    DownOn(&'static str, u32),
+    /// A call containing a text with the marker fails as unavailable this many times, then works.
+    DownFor(&'static str, u32),
     Misconfigured,
     /// Returns one vector too few.
     DropLast,
@@ -833,11 +975,12 @@ struct FakeEmbedder {
     max_batch: usize,
     mode: Mode,
     calls: Mutex<Vec<Vec<String>>>,
+    failures: Mutex<u32>,
 }
 
 impl FakeEmbedder {
     fn new(max_batch: usize, mode: Mode) -> Arc<Self> {
-        Arc::new(Self { max_batch, mode, calls: Mutex::default() })
+        Arc::new(Self { max_batch, mode, calls: Mutex::default(), failures: Mutex::default() })
     }
 
     fn calls(&self) -> Vec<Vec<String>> {
@@ -862,10 +1005,16 @@ impl Embedder for FakeEmbedder {
             Mode::Normal => Ok(vectors()),
             Mode::RefuseBad if texts.iter().any(|t| t.contains("BAD")) => Err(EmbedError::Rejected { message: "400: BAD is not allowed".into() }),
             Mode::RefuseBad => Ok(vectors()),
-            Mode::DownOn(marker, attempts) if texts.iter().any(|t| t.contains(marker)) => {
-                Err(EmbedError::Unavailable { message: "503 service unavailable".into(), attempts })
+            Mode::DownFor(marker, times) if texts.iter().any(|t| t.contains(marker)) => {
+                let mut failures = self.failures.lock().unwrap();
+                if *failures < times {
+                    *failures += 1;
+                    Err(EmbedError::Unavailable { message: "503 service unavailable".into(), attempts: 4 })
+                } else {
+                    Ok(vectors())
+                }
             }
-            Mode::DownOn(..) => Ok(vectors()),
+            Mode::DownFor(..) => Ok(vectors()),
             Mode::Misconfigured => Err(EmbedError::Misconfigured { message: "wrong dimension 3, expected 2".into() }),
             Mode::DropLast => {
                 let mut v = vectors();
@@ -887,6 +1036,7 @@ struct FakeStore {
     fail_lookups: bool,
     fail_inserts: bool,
     lookups: Mutex<Vec<Vec<ContentHash>>>,
+    arrival_lookups: Mutex<Vec<usize>>,
     inserts: Mutex<Vec<usize>>,
 }
 
@@ -895,21 +1045,44 @@ impl FakeStore {
         self.lookups.lock().unwrap().clone()
     }
 
+    fn arrival_lookups(&self) -> Vec<usize> {
+        self.arrival_lookups.lock().unwrap().clone()
+    }
+
     fn insert_sizes(&self) -> Vec<usize> {
         self.inserts.lock().unwrap().clone()
     }
 }
 
 impl AtomStore for FakeStore {
-    fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>> {
+    fn find_atoms<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashMap<ContentHash, Vec<SourcePosition>>, StoreError>> {
         self.lookups.lock().unwrap().push(hashes.to_vec());
         Box::pin(async move {
             if self.fail_lookups {
                 return Err(StoreError::Fatal("disk is gone".into()));
             }
             match &self.inner {
-                Some(inner) => inner.existing_hashes(hashes).await,
-                None => Ok(HashSet::new()),
+                Some(inner) => inner.find_atoms(hashes).await,
+                None => Ok(HashMap::new()),
+            }
+        })
+    }
+
+    fn arrival_outcomes<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, ArrivalOutcome>, StoreError>> {
+        self.arrival_lookups.lock().unwrap().push(positions.len());
+        Box::pin(async move {
+            match &self.inner {
+                Some(inner) => inner.arrival_outcomes(positions).await,
+                None => Ok(HashMap::new()),
+            }
+        })
+    }
+
+    fn insert_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
+        Box::pin(async move {
+            match &self.inner {
+                Some(inner) => inner.insert_arrivals(rows).await,
+                None => Ok(InsertReport { inserted: rows.len(), already_present: 0 }),
             }
         })
     }
@@ -945,26 +1118,26 @@ async fn embed_treats_media_types_case_insensitively() {
     assert!(validate::check(&ValidateSpec::default(), &req).is_ok(), "validate accepts it as text/plain");
     let embedder = FakeEmbedder::new(4, Mode::Normal);
     let (mut stage, _) = embed_stage(embedder.clone(), 1);
-    let out = stage.process(vec![item(plain_record(0), Hashed { hash: ContentHash::of(&req.content), request: req })]).await.unwrap();
+    let out = stage.process(vec![item(plain_record(0), Admitted::created(Hashed { hash: ContentHash::of(&req.content), request: req }))]).await.unwrap();
     let e = continued(out.into_iter().next().unwrap());
     assert_eq!(embedder.calls(), vec![vec!["hello".to_string()]]);
     assert_eq!(e.embedding, vec![5.0, 1.0]);
 }
 
 #[tokio::test]
-async fn a_hash_dead_lettered_downstream_is_forgotten_so_its_replay_continues() {
+async fn a_content_dead_lettered_downstream_is_admitted_afresh_when_it_comes_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir);
     let mut dedup = dedup_stage(store.clone(), 100);
-    let (mut embed, _) = embed_stage(FakeEmbedder::new(4, Mode::DownOn("DOWN", 4)), 1);
-    embed.recent = Some(dedup.recent.clone());
-    let admitted: Vec<Item<Hashed>> =
-        dedup.process(hashed_items(&["DOWN for now"])).await.unwrap().into_iter().map(|o| item(plain_record(0), continued(o))).collect();
+    let (mut embed, _) = embed_stage(FakeEmbedder::new(4, Mode::RefuseBad), 1);
+    embed.ledger = Some(dedup.ledger.clone());
+    let admitted: Vec<Item<Admitted>> =
+        dedup.process(hashed_items(&["BAD for now"])).await.unwrap().into_iter().map(|o| item(plain_record(0), continued(o))).collect();
     let out = embed.process(admitted).await.unwrap();
-    assert_eq!(summary(&out), vec!["invalid:embed.unavailable"]);
+    assert_eq!(summary(&out), vec!["invalid:embed.rejected"]);
     assert_eq!(store.atom_count(), 0, "dead-lettered, never stored");
-    let replay = dedup.process(hashed_items(&["DOWN for now"])).await.unwrap();
-    assert_eq!(summary(&replay), vec!["continue"]);
+    let replay = dedup.process(hashed_items(&["BAD for now"])).await.unwrap();
+    assert_eq!(decisions(&replay), vec!["created"]);
 }
 
 /// Answers `Unavailable` for the first `failures` look-ups, then delegates.

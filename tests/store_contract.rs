@@ -20,11 +20,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use hartonomous::atom::{AtomRow, ContentHash};
+use hartonomous::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use hartonomous::store::{AtomStore, DeadLetterRow, InsertReport};
 
 mod common;
-use common::rows::{T0_MS, atom, atoms, dead_letter};
+use common::rows::{T0_MS, arrival, atom, atoms, dead_letter};
 
 use clickhouse_harness::ClickHouseHarness;
 use embedded_harness::EmbeddedHarness;
@@ -60,6 +60,10 @@ trait Harness {
     /// The dead letter stored at this source position; fails the test unless
     /// exactly one row is stored there.
     async fn dead_letter(&self, topic: &str, partition: i32, offset: i64) -> DeadLetterRow;
+    /// Distinct arrivals stored (by source position; under `FINAL` for ClickHouse).
+    async fn arrivals(&self) -> u64;
+    /// Rows in the `atom_arrivals` table, duplicates included (no `FINAL`).
+    async fn arrival_rows(&self) -> u64;
 }
 
 /// Both tables hold exactly these many rows, each key once.
@@ -102,6 +106,8 @@ macro_rules! contract {
 
 contract!(
     existing_hashes_find_exactly_the_inserted,
+    find_atoms_gives_each_stored_hash_its_lineage,
+    arrivals_are_idempotent_by_position_and_the_first_outcome_stands,
     reinserting_the_same_rows_stores_nothing_new,
     duplicates_within_one_call_are_written_once,
     concurrent_inserts_of_the_same_rows_write_each_once,
@@ -155,6 +161,62 @@ async fn existing_hashes_find_exactly_the_inserted(h: &impl Harness) {
     many.push(stored[7].content_hash);
     let found = store.existing_hashes(&many).await.unwrap();
     assert_eq!(found, HashSet::from([stored[3].content_hash, stored[7].content_hash]));
+}
+
+/// `find_atoms` gives every stored hash the position of the request that
+/// stored it: how dedup tells a redelivered creator from a repeat.
+async fn find_atoms_gives_each_stored_hash_its_lineage(h: &impl Harness) {
+    let store = h.store();
+    let stored = atoms("lineage", 20);
+    store.insert_atoms(&stored).await.unwrap();
+    let mut asked = hashes(&stored);
+    asked.push(ContentHash::of(b"never stored"));
+    asked.push(stored[4].content_hash);
+    let found = store.find_atoms(&asked).await.unwrap();
+    assert_eq!(found.len(), 20, "each stored hash once, the unknown one absent");
+    for row in &stored {
+        assert_eq!(found[&row.content_hash], vec![row.position()], "{}", row.content_hash);
+    }
+    // Storing the same content again from another position changes nothing: the first stored row stays.
+    let mut later = stored[4].clone();
+    later.source_offset = 500;
+    later.ingested_at_ms += 60_000;
+    assert_eq!(store.insert_atoms(&[later]).await.unwrap(), InsertReport { inserted: 0, already_present: 1 });
+    assert_eq!(store.find_atoms(&[stored[4].content_hash]).await.unwrap()[&stored[4].content_hash], vec![stored[4].position()]);
+    assert!(store.find_atoms(&[]).await.unwrap().is_empty());
+}
+
+/// One arrival per source position: a repeated insert of the same position
+/// (a replay) is reported `already_present`, and the outcome written first
+/// stands whatever the replay says.
+async fn arrivals_are_idempotent_by_position_and_the_first_outcome_stands(h: &impl Harness) {
+    let store = h.store();
+    let first: Vec<ArrivalRow> = (0..30).map(|i| arrival("x", i, if i == 0 { ArrivalOutcome::Created } else { ArrivalOutcome::Matched })).collect();
+    assert_eq!(store.insert_arrivals(&first).await.unwrap(), InsertReport { inserted: 30, already_present: 0 });
+    assert_eq!(h.arrivals().await, 30);
+    let positions: Vec<SourcePosition> = first.iter().map(|r| r.position()).collect();
+    let outcomes = store.arrival_outcomes(&positions).await.unwrap();
+    assert_eq!(outcomes.len(), 30);
+    assert_eq!(outcomes[&positions[0]], ArrivalOutcome::Created);
+    assert!(positions[1..].iter().all(|p| outcomes[p] == ArrivalOutcome::Matched));
+
+    // A replay of the first ten with the other outcome, plus five new positions, one of them twice.
+    let mut replay: Vec<ArrivalRow> = first[..10].iter().cloned().map(|mut r| {
+        r.outcome = ArrivalOutcome::Created;
+        r.arrived_at_ms += 3_600_000;
+        r
+    }).collect();
+    replay.extend((100..105).map(|i| arrival("y", i, ArrivalOutcome::Created)));
+    replay.push(arrival("y", 104, ArrivalOutcome::Matched));
+    assert_eq!(store.insert_arrivals(&replay).await.unwrap(), InsertReport { inserted: 5, already_present: 11 });
+    assert_eq!(h.arrivals().await, 35);
+    assert_eq!(h.arrival_rows().await, 35, "nothing written twice");
+    let outcomes = store.arrival_outcomes(&positions[..10]).await.unwrap();
+    assert!(positions[1..10].iter().all(|p| outcomes[p] == ArrivalOutcome::Matched), "the first written outcome stands");
+    // Unknown positions, and other topics and partitions, are simply absent.
+    let unknown = vec![SourcePosition::new("atoms.requests", 0, 7_777), SourcePosition::new("other", 0, 1), SourcePosition::new("atoms.requests", 3, 1)];
+    assert!(store.arrival_outcomes(&unknown).await.unwrap().is_empty());
+    assert_eq!(store.insert_arrivals(&[]).await.unwrap(), InsertReport::default());
 }
 
 /// Idempotent by content hash: rows already stored are reported
@@ -363,6 +425,17 @@ mod embedded_harness {
             self.count("SELECT count(*) FROM dead_letters").await
         }
 
+        async fn arrivals(&self) -> u64 {
+            let distinct =
+                self.count("SELECT count(*) FROM (SELECT DISTINCT source_topic, source_partition, source_offset FROM atom_arrivals)").await;
+            assert_eq!(self.store.arrival_count() as u64, distinct, "in-memory positions vs. the atom_arrivals table");
+            distinct
+        }
+
+        async fn arrival_rows(&self) -> u64 {
+            self.count("SELECT count(*) FROM atom_arrivals").await
+        }
+
         async fn lineage(&self, hash: ContentHash) -> Lineage {
             let sql = format!(
                 "SELECT source_topic, source_partition, source_offset, embedding FROM atoms WHERE content_hash = '{}'",
@@ -544,6 +617,14 @@ mod clickhouse_harness {
 
         async fn dead_letter_rows(&self) -> u64 {
             self.count("SELECT count() FROM dead_letters").await
+        }
+
+        async fn arrivals(&self) -> u64 {
+            self.count("SELECT count() FROM atom_arrivals FINAL").await
+        }
+
+        async fn arrival_rows(&self) -> u64 {
+            self.count("SELECT count() FROM atom_arrivals").await
         }
 
         async fn lineage(&self, hash: ContentHash) -> Lineage {

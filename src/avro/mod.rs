@@ -81,6 +81,7 @@ const BUNDLED: &[(&str, u32, &str)] = &[
     (ATOM_INGESTION_REQUEST, 1, include_str!("../../schemas/avro/AtomIngestionRequest.v1.avsc")),
     (ATOM_INGESTION_REQUEST, 2, include_str!("../../schemas/avro/AtomIngestionRequest.v2.avsc")),
     (ATOM_INGESTED, 1, include_str!("../../schemas/avro/AtomIngested.v1.avsc")),
+    (ATOM_INGESTED, 2, include_str!("../../schemas/avro/AtomIngested.v2.avsc")),
     (DEAD_LETTER, 1, include_str!("../../schemas/avro/DeadLetter.v1.avsc")),
     (INFERENCE_REQUEST, 1, include_str!("../../schemas/avro/InferenceRequest.v1.avsc")),
     (INFERENCE_RESULT, 1, include_str!("../../schemas/avro/InferenceResult.v1.avsc")),
@@ -190,7 +191,8 @@ mod tests {
         assert!(Schemas::version(ATOM_INGESTION_REQUEST, 3).is_none());
         assert!(Schemas::versions("NoSuchSchema").is_none());
         assert!(Schemas::current("NoSuchSchema").is_none());
-        for name in [ATOM_INGESTED, DEAD_LETTER, INFERENCE_REQUEST, INFERENCE_RESULT] {
+        assert_eq!(Schemas::current(ATOM_INGESTED).unwrap().version, 2);
+        for name in [DEAD_LETTER, INFERENCE_REQUEST, INFERENCE_RESULT] {
             assert_eq!(Schemas::current(name).unwrap().version, 1);
         }
     }
@@ -242,7 +244,8 @@ mod tests {
                 "source_topic",
                 "source_partition",
                 "source_offset",
-                "ingested_at_ms"
+                "ingested_at_ms",
+                "outcome"
             ]
         );
         let event = crate::atom::AtomIngested {
@@ -257,6 +260,7 @@ mod tests {
             source_partition: 2,
             source_offset: 41,
             ingested_at_ms: 1_700_000_000_000,
+            outcome: crate::atom::ArrivalOutcome::Matched,
         };
         let value = apache_avro::to_value(&event).unwrap().resolve(schema).unwrap();
         let bytes = encode(7, schema, &value).unwrap();

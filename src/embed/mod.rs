@@ -22,6 +22,12 @@ pub trait Embedder: Send + Sync + 'static {
     fn dimension(&self) -> usize;
     fn max_batch(&self) -> usize;
     fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>>;
+
+    /// The circuit breaker of the service behind this model, if it has one,
+    /// so that the runner can pause the partitions while it is open.
+    fn breaker(&self) -> Option<std::sync::Arc<crate::resilience::CircuitBreaker>> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

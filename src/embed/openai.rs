@@ -328,6 +328,10 @@ impl Embedder for OpenAiEmbedder {
         self.config.max_batch
     }
 
+    fn breaker(&self) -> Option<Arc<CircuitBreaker>> {
+        Some(self.resilient.breaker.clone())
+    }
+
     /// Callers should pass at most `max_batch` texts; if they pass more, the
     /// texts are sent as consecutive requests of at most `max_batch` each
     /// (each with its own retries), and the first failing request fails the

@@ -16,8 +16,10 @@ pub struct Metrics {
     pub embedding_calls: AtomicU64,
     pub embedded_texts: AtomicU64,
     pub atoms_stored: AtomicU64,
+    pub arrivals_stored: AtomicU64,
     pub events_published: AtomicU64,
     skipped: Mutex<BTreeMap<&'static str, u64>>,
+    matched: Mutex<BTreeMap<&'static str, u64>>,
     dead_lettered: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -32,6 +34,15 @@ impl Metrics {
 
     pub fn skipped(&self, reason: &'static str) {
         *self.skipped.lock().unwrap().entry(reason).or_default() += 1;
+    }
+
+    /// A request matched content already stored or admitted (`duplicate.*`).
+    pub fn matched(&self, by: &'static str) {
+        *self.matched.lock().unwrap().entry(by).or_default() += 1;
+    }
+
+    pub fn matched_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        self.matched.lock().unwrap().clone()
     }
 
     pub fn dead_lettered(&self, reason: &str) {

@@ -20,10 +20,10 @@ use super::metrics::Metrics;
 use super::stage::StageContext;
 use super::window::{Window, WindowConfig};
 use crate::dead_letter::DeadLetter;
-use crate::log::{LogConsumer, LogError, LogProducer};
+use crate::log::{LogConsumer, LogError, LogProducer, PollLimit};
 use crate::outcome::{Classify, ErrorClass, Fatal};
 use crate::record::TopicPartition;
-use crate::resilience::{Attempted, BreakerConfig, CircuitBreaker, Resilient, RetryConfig};
+use crate::resilience::{Attempted, BreakerConfig, Resilient, RetryConfig};
 use crate::store::AtomStore;
 
 /// The one place where in-flight capacity is set.
@@ -88,10 +88,17 @@ pub enum RunError {
     Log(#[from] LogError),
 }
 
-/// What the run committed last, per partition.
+/// What the run committed last, per partition, and the most it held in flight.
 #[derive(Debug, Clone, Default)]
 pub struct RunReport {
     pub committed: BTreeMap<TopicPartition, i64>,
+    /// The highest number of records in flight at any moment. Admission stops
+    /// at `limits.in_flight_records`, so this never exceeds it.
+    pub peak_in_flight_records: usize,
+    /// The highest number of bytes in flight at any moment: at most
+    /// `limits.in_flight_bytes` plus one record (a record larger than what is
+    /// left of the budget is admitted alone, or it could never pass).
+    pub peak_in_flight_bytes: usize,
 }
 
 /// Records and bytes in flight, shared by the source (reserves) and the acker (releases).
@@ -136,7 +143,11 @@ where
     let mut window = Window::new(cfg.window);
     let mut head = Some(head);
     let mut seq = 0u64;
-    let mut paused: Vec<TopicPartition> = Vec::new();
+    // Whether the partitions are meant to be paused. The intent, not a list:
+    // it is applied to the current assignment on every turn, so partitions a
+    // rebalance hands over while paused are paused too.
+    let mut paused = false;
+    let mut commit_failing = false;
     let mut last_commit = clock.now_ms();
     let mut report = RunReport::default();
     tokio::pin!(shutdown);
@@ -151,30 +162,29 @@ where
             break Err(f.into());
         }
 
-        // Backpressure: pause everything when the budget is spent or the first
-        // edge is full; resume with hysteresis.
+        // Backpressure: pause everything while the budget is spent, the first
+        // edge is full or an external dependency's breaker is open; resume
+        // with hysteresis once none of that holds.
         let (recs, bytes) = (budget.records.load(Ordering::Acquire), budget.bytes.load(Ordering::Acquire));
         let spent = recs >= cfg.limits.in_flight_records || bytes >= cfg.limits.in_flight_bytes;
-        let may_resume = pending.is_empty() && recs * 4 <= cfg.limits.in_flight_records * 3 && bytes * 4 <= cfg.limits.in_flight_bytes * 3;
-        if paused.is_empty() {
-            if spent || !pending.is_empty() {
-                paused = consumer.assignment();
-                consumer.pause(&paused)?;
-                Metrics::add(&metrics.partition_pauses, 1);
+        let open = ctx.breakers.open(clock.now_ms());
+        let may_resume = pending.is_empty() && open.is_empty() && recs * 4 <= cfg.limits.in_flight_records * 3 && bytes * 4 <= cfg.limits.in_flight_bytes * 3;
+        if !paused && (spent || !pending.is_empty() || !open.is_empty()) {
+            paused = true;
+            Metrics::add(&metrics.partition_pauses, 1);
+            if open.is_empty() {
                 tracing::debug!(in_flight = recs, bytes, queued_windows = pending.len(), "backpressure: partitions paused");
+            } else {
+                tracing::warn!(breakers = ?open, in_flight = recs, "backpressure: partitions paused while a circuit breaker is open; they resume when it half-opens");
             }
-        } else if may_resume {
-            let owned = consumer.assignment();
-            paused.retain(|tp| owned.contains(tp));
-            consumer.resume(&paused)?;
-            paused.clear();
-        } else {
-            // A rebalance may have handed us partitions that are not paused yet.
-            let fresh: Vec<TopicPartition> = consumer.assignment().into_iter().filter(|tp| !paused.contains(tp)).collect();
-            if !fresh.is_empty() {
-                consumer.pause(&fresh)?;
-                paused.extend(fresh);
-            }
+        } else if paused && may_resume {
+            consumer.resume(&consumer.assignment())?;
+            paused = false;
+            tracing::debug!(in_flight = recs, bytes, "backpressure over: partitions resumed");
+        }
+        if paused {
+            // Cheap when nothing changed: only partitions not paused yet are touched.
+            consumer.pause(&consumer.assignment())?;
         }
 
         let now = clock.now_ms();
@@ -182,7 +192,12 @@ where
         if let Some(d) = window.deadline_ms() {
             wait = wait.min(Duration::from_millis((d - now).max(0) as u64));
         }
-        let room = cfg.limits.in_flight_records.saturating_sub(recs).clamp(1, cfg.window.max_records.max(1));
+        // Admission: never more than what is left of the budget, in records
+        // and bytes, so the pending queue and every edge stay within it.
+        let limit = PollLimit {
+            records: if paused { 0 } else { cfg.limits.in_flight_records.saturating_sub(recs).min(cfg.window.max_records.max(1)) },
+            bytes: cfg.limits.in_flight_bytes.saturating_sub(bytes),
+        };
         let Some(tx) = head.clone() else { break Ok(()) };
         let polled = tokio::select! {
             biased;
@@ -198,8 +213,8 @@ where
                 }
                 Vec::new()
             }
-            _ = budget.released.notified(), if !paused.is_empty() => Vec::new(),
-            r = consumer.poll(room, wait) => r?,
+            _ = budget.released.notified(), if paused => Vec::new(),
+            r = consumer.poll_bounded(limit, wait) => r?,
         };
 
         let now = clock.now_ms();
@@ -207,8 +222,10 @@ where
         for record in polled {
             let size = record.byte_len();
             tracker.lock().unwrap().track(&record.position.tp, record.position.offset);
-            budget.records.fetch_add(1, Ordering::AcqRel);
-            budget.bytes.fetch_add(size, Ordering::AcqRel);
+            let recs = budget.records.fetch_add(1, Ordering::AcqRel) + 1;
+            let bytes = budget.bytes.fetch_add(size, Ordering::AcqRel) + size;
+            report.peak_in_flight_records = report.peak_in_flight_records.max(recs);
+            report.peak_in_flight_bytes = report.peak_in_flight_bytes.max(bytes);
             Metrics::add(&metrics.records_in, 1);
             Metrics::add(&metrics.bytes_in, size as u64);
             if window.would_overflow(size) {
@@ -222,7 +239,7 @@ where
             flush(&mut window, &mut seq, &tx, &mut pending);
         }
 
-        if cfg.until == Until::Drained && !got_any && paused.is_empty() && caught_up(&consumer) {
+        if cfg.until == Until::Drained && !got_any && !paused && caught_up(&consumer) {
             // Nothing more will arrive: close the partial window now instead of waiting for its age.
             flush(&mut window, &mut seq, &tx, &mut pending);
             if tracker.lock().unwrap().in_flight() == 0 {
@@ -233,7 +250,16 @@ where
         if clock.now_ms() - last_commit >= cfg.commit_interval.as_millis() as i64 {
             match commit(&mut consumer, &tracker, &metrics, &mut report).await {
                 // A failed commit loses nothing: the same offsets (or later ones) go next time.
-                Err(e) if e.class() == ErrorClass::Retry => tracing::warn!(error = %e, "commit failed; retrying at the next interval"),
+                Err(e) if e.class() == ErrorClass::Retry => {
+                    if !commit_failing {
+                        tracing::warn!(error = %e, "commit failed; retrying at every interval until the broker takes it");
+                    }
+                    commit_failing = true;
+                }
+                Ok(()) if commit_failing => {
+                    tracing::info!("commits go through again");
+                    commit_failing = false;
+                }
                 other => other?,
             }
             last_commit = clock.now_ms();
@@ -318,6 +344,7 @@ async fn commit<C: LogConsumer>(consumer: &mut C, tracker: &Mutex<OffsetTracker>
     if offsets.is_empty() {
         return Ok(());
     }
+    crate::failpoint::hit("commit.before");
     consumer.commit(&offsets).await?;
     tracker.lock().unwrap().mark_committed(&offsets);
     Metrics::add(&metrics.commits, 1);
@@ -334,7 +361,7 @@ async fn ack_loop<T: Send + 'static>(
     tracker: Arc<Mutex<OffsetTracker>>,
     budget: Arc<Budget>,
 ) {
-    let breaker = Arc::new(CircuitBreaker::new(format!("dead-letter:{}", cfg.dead_letter_topic), BreakerConfig::default()));
+    let breaker = ctx.breakers.breaker(format!("dead-letter:{}", cfg.dead_letter_topic), BreakerConfig::default());
     let resilient = Resilient::new(dlq.retry.clone(), breaker, ctx.clock.clone());
     while let Some(batch) = tail.recv().await {
         let mut letters = Vec::new();
@@ -346,11 +373,7 @@ async fn ack_loop<T: Send + 'static>(
             }
         }
         let producer = dlq.producer.as_ref();
-        let sends = letters.iter().map(|d| {
-            let out = d.to_outgoing(&cfg.dead_letter_topic);
-            let resilient = &resilient;
-            async move { resilient.call(|| producer.send(out.clone())).await }
-        });
+        let sends = letters.iter().map(|d| send_dead_letter(&resilient, producer, d, &cfg.dead_letter_topic));
         for (d, sent) in letters.iter().zip(join_all(sends).await) {
             if let Err(e) = sent {
                 // A dead letter that cannot be written must not be committed past: stop.
@@ -363,6 +386,9 @@ async fn ack_loop<T: Send + 'static>(
             if let Err(e) = resilient.call(|| store.insert_dead_letters(&rows)).await {
                 return ctx_fatal(&ctx, format!("archiving dead letters failed: {e}"));
             }
+        }
+        if !letters.is_empty() {
+            crate::failpoint::hit("dead_letter.after_write");
         }
         let done = batch.slots.iter().filter(|s| matches!(s, Slot::Live(_))).count();
         Metrics::add(&ctx.metrics.records_done, done as u64);
@@ -379,6 +405,38 @@ async fn ack_loop<T: Send + 'static>(
         budget.released.notify_waiters();
     }
 }
+
+/// Writes one dead letter. A copy the broker refuses as such (too large for
+/// the dead-letter topic, typically) is sent again with its payload cut to
+/// [`TRUNCATED_PAYLOAD_BYTES`], then to nothing: the provenance headers
+/// always go out, `hartonomous.dlq.truncated` says how large the payload was,
+/// and the `dead_letters` table (when archiving is on) keeps it whole.
+async fn send_dead_letter(resilient: &Resilient, producer: &dyn LogProducer, d: &DeadLetter<'_>, topic: &str) -> Result<(), String> {
+    let mut out = d.to_outgoing(topic);
+    for keep in [Some(TRUNCATED_PAYLOAD_BYTES), Some(0), None] {
+        match resilient.call(|| producer.send(out.clone())).await {
+            Ok(_) => return Ok(()),
+            Err(Attempted::Rejected { error, class: ErrorClass::Invalid, .. }) => match keep {
+                Some(keep) => {
+                    tracing::warn!(
+                        source = %format!("{}@{}", d.record.position.tp, d.record.position.offset),
+                        payload_bytes = d.record.payload.len(),
+                        keep,
+                        %error,
+                        "the broker refused a dead letter; sending it with a truncated payload (the dead_letters table keeps it whole)"
+                    );
+                    out = d.to_truncated_outgoing(topic, keep);
+                }
+                None => return Err(error.to_string()),
+            },
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    unreachable!("the last round returns")
+}
+
+/// The payload kept in a dead letter the broker refused whole.
+pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
 
 fn ctx_fatal(ctx: &StageContext, message: String) {
     tracing::error!(%message, "acker stopping");

@@ -11,6 +11,7 @@ use super::batch::{Batch, End, Item, Slot};
 use super::metrics::Metrics;
 use crate::clock::SharedClock;
 use crate::outcome::{Fatal, Outcome};
+use crate::resilience::Breakers;
 
 /// One step of a topology.
 ///
@@ -67,11 +68,18 @@ pub struct StageContext {
     /// Capacity of each edge, in batches. Batch bytes are bounded by the
     /// window, so an edge holds at most `edge_batches * window.max_bytes`.
     pub edge_batches: usize,
+    /// The run's circuit breakers: the runner pauses the partitions while one is open.
+    pub breakers: Breakers,
 }
 
 impl StageContext {
     pub fn new(metrics: Arc<Metrics>, clock: SharedClock, edge_batches: usize) -> Self {
-        Self { metrics, clock, fatal: Arc::new(watch::channel(None).0), edge_batches: edge_batches.max(1) }
+        Self { metrics, clock, fatal: Arc::new(watch::channel(None).0), edge_batches: edge_batches.max(1), breakers: Breakers::default() }
+    }
+
+    pub fn with_breakers(mut self, breakers: Breakers) -> Self {
+        self.breakers = breakers;
+        self
     }
 
     pub fn edge<T>(&self) -> (mpsc::Sender<Batch<T>>, mpsc::Receiver<Batch<T>>) {

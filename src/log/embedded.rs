@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
-use super::{LogConsumer, LogError, LogProducer, PartitionPosition};
+use super::{LogConsumer, LogError, LogProducer, PartitionPosition, PollLimit};
 use crate::clock::SharedClock;
 use crate::record::{OutgoingRecord, Position, Record, TopicPartition};
 
@@ -136,11 +136,12 @@ pub struct EmbeddedConsumer {
 }
 
 impl EmbeddedConsumer {
-    fn take(&mut self, max: usize) -> Vec<Record> {
+    fn take(&mut self, limit: PollLimit) -> Vec<Record> {
         let s = self.log.inner.state.lock().unwrap();
         let tps: Vec<TopicPartition> = self.next.keys().filter(|tp| !self.paused.contains(*tp)).cloned().collect();
         let mut out = Vec::new();
-        if tps.is_empty() {
+        let mut bytes = 0usize;
+        if tps.is_empty() || limit.records == 0 {
             return out;
         }
         // Start at a rotating partition so that one busy partition cannot starve the others.
@@ -149,12 +150,14 @@ impl EmbeddedConsumer {
             let tp = &tps[(self.cursor + i) % tps.len()];
             let Some(log) = s.topics.get(&*tp.topic).and_then(|ps| ps.get(tp.partition as usize)) else { continue };
             let next = self.next.get_mut(tp).expect("assigned");
-            while out.len() < max && (*next as usize) < log.len() {
-                out.push(log[*next as usize].clone());
+            while (*next as usize) < log.len() && limit.admits(out.len(), bytes, log[*next as usize].byte_len()) {
+                let r = log[*next as usize].clone();
+                bytes += r.byte_len();
+                out.push(r);
                 *next += 1;
             }
-            if out.len() >= max {
-                break;
+            if (*next as usize) < log.len() {
+                break; // the limit is reached
             }
         }
         out
@@ -162,14 +165,14 @@ impl EmbeddedConsumer {
 }
 
 impl LogConsumer for EmbeddedConsumer {
-    fn poll(&mut self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+    fn poll_bounded(&mut self, limit: PollLimit, wait: Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
         Box::pin(async move {
             let log = self.log.clone();
             let notified = log.inner.appended.notified();
             tokio::pin!(notified);
             // Register interest before looking, so an append in between is not missed.
             notified.as_mut().enable();
-            let got = self.take(max);
+            let got = self.take(limit);
             if !got.is_empty() || wait.is_zero() {
                 return Ok(got);
             }
@@ -177,7 +180,7 @@ impl LogConsumer for EmbeddedConsumer {
                 _ = notified => {}
                 _ = log.inner.clock.sleep(wait) => {}
             }
-            Ok(self.take(max))
+            Ok(self.take(limit))
         })
     }
 
@@ -265,6 +268,25 @@ mod tests {
         assert_eq!(c.poll(10, Duration::ZERO).await.unwrap().len(), 1);
         let p = c.positions()[&tps[0]];
         assert_eq!(p, PartitionPosition { next: 1, end: Some(1) });
+    }
+
+    #[tokio::test]
+    async fn polls_stop_at_the_record_and_byte_limits_and_lose_nothing() {
+        let log = EmbeddedLog::new(ManualClock::new(0).shared());
+        log.create_topic("t", 1);
+        for i in 0..10 {
+            log.append(rec("t", "k", &format!("{i:09}")));
+        }
+        let mut c = log.consumer("g", &["t"]);
+        assert!(c.poll_bounded(PollLimit { records: 0, bytes: usize::MAX }, Duration::ZERO).await.unwrap().is_empty());
+        // Each record is 1 + 9 bytes: a 25-byte limit takes two.
+        let got = c.poll_bounded(PollLimit { records: 100, bytes: 25 }, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 2);
+        // A limit below one record still hands out one.
+        assert_eq!(c.poll_bounded(PollLimit { records: 100, bytes: 1 }, Duration::ZERO).await.unwrap().len(), 1);
+        let rest = c.poll(100, Duration::ZERO).await.unwrap();
+        let offsets: Vec<i64> = got.iter().chain(&rest).map(|r| r.position.offset).collect();
+        assert_eq!(offsets, vec![0, 1, 3, 4, 5, 6, 7, 8, 9]);
     }
 
     #[tokio::test]

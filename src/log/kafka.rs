@@ -35,7 +35,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 
-use super::{LogConsumer, LogError, LogProducer, PartitionPosition, RevokeHandler};
+use super::{LogConsumer, LogError, LogProducer, PartitionPosition, PollLimit, RevokeHandler};
 use crate::record::{Headers, OutgoingRecord, Position, Record, TopicPartition};
 
 /// How long a commit may take before it counts as failed (`Unavailable`).
@@ -67,6 +67,14 @@ pub struct KafkaConfig {
     /// The longest time between two polls before librdkafka leaves the group.
     #[serde(default = "default_max_poll_interval_ms")]
     pub max_poll_interval_ms: u64,
+    /// Static group membership (KIP-345, `group.instance.id`): a stable name
+    /// per instance, e.g. from `HARTONOMOUS__LOG__GROUP_INSTANCE_ID=$HOSTNAME`.
+    /// A restarted instance with the same name takes its partitions back at
+    /// once instead of waiting out its dead predecessor's session; the price
+    /// is that a crashed instance's partitions wait `session_timeout_ms` before
+    /// another instance gets them. Every instance of a group needs its own name.
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
     /// Passed to librdkafka as they are (`security.protocol`, `sasl.mechanism`,
     /// `sasl.username`, `ssl.ca.location`, `compression.type`, ...).
     #[serde(default)]
@@ -136,6 +144,7 @@ const FIELD_PROPERTIES: &[(&str, &str)] = &[
     ("heartbeat.interval.ms", "heartbeat_interval_ms"),
     ("max.poll.interval.ms", "max_poll_interval_ms"),
     ("statistics.interval.ms", "statistics_interval_ms"),
+    ("group.instance.id", "group_instance_id"),
 ];
 
 /// Every default, with Kafka's conventional `localhost:9092`. A profile must
@@ -155,6 +164,7 @@ impl KafkaConfig {
             session_timeout_ms: default_session_timeout_ms(),
             heartbeat_interval_ms: default_heartbeat_interval_ms(),
             max_poll_interval_ms: default_max_poll_interval_ms(),
+            group_instance_id: None,
             properties: BTreeMap::new(),
             properties_env: BTreeMap::new(),
             create_topics: false,
@@ -194,6 +204,13 @@ impl KafkaConfig {
             return Err(format!(
                 "statistics_interval_ms is {}; use 1..=86400000 (1000 is usual): the log end and the lag come from librdkafka's statistics",
                 self.statistics_interval_ms
+            ));
+        }
+        if let Some(id) = &self.group_instance_id
+            && (id.trim().is_empty() || id.len() > 249 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "group_instance_id `{id}` is not a valid name; use 1 to 249 of [a-zA-Z0-9._-], one per instance (e.g. the host name), or remove it"
             ));
         }
         if self.replication_factor < 1 {
@@ -673,6 +690,9 @@ impl KafkaConsumer {
             .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
             .set("max.poll.interval.ms", config.max_poll_interval_ms.to_string())
             .set("statistics.interval.ms", config.statistics_interval_ms.to_string());
+        if let Some(id) = &config.group_instance_id {
+            c.set("group.instance.id", id);
+        }
         // Defaults a profile may override in `properties`.
         for (k, v) in [("auto.offset.reset", "earliest"), ("partition.assignment.strategy", "cooperative-sticky")] {
             if !config.properties.contains_key(k) && !config.properties_env.contains_key(k) {
@@ -738,9 +758,10 @@ impl KafkaConsumer {
     }
 
     /// Turns one message into a record if it may be handed out now; holds it
-    /// if its partition is paused; drops it if the partition is not assigned
-    /// (revoked meanwhile) or it was handed out already.
-    fn accept(&self, msg: &BorrowedMessage<'_>, out: &mut Vec<Record>) {
+    /// if its partition is paused or this poll's `limit` is reached; drops it
+    /// if the partition is not assigned (revoked meanwhile) or it was handed
+    /// out already.
+    fn accept(&self, msg: &BorrowedMessage<'_>, out: &mut Vec<Record>, limit: PollLimit, bytes: &mut usize) {
         let tp = TopicPartition::new(self.shared.intern(msg.topic()), msg.partition());
         let offset = msg.offset();
         let record = Record {
@@ -759,27 +780,31 @@ impl KafkaConsumer {
         if seen.is_some_and(|s| offset < s) {
             return;
         }
-        if st.paused.contains(tp) || st.held.get(tp).is_some_and(|h| !h.is_empty()) {
-            tracing::debug!(group = %self.shared.group, partition = %tp, offset, "record of a paused partition held back until resume");
+        if st.paused.contains(tp) || st.held.get(tp).is_some_and(|h| !h.is_empty()) || !limit.admits(out.len(), *bytes, record.byte_len()) {
             st.held.entry(tp.clone()).or_default().push_back(record);
             return;
         }
         st.next.insert(tp.clone(), offset + 1);
         drop(st);
+        *bytes += record.byte_len();
         out.push(record);
     }
 
-    /// Hands out records held for partitions that are no longer paused.
-    fn take_held(&self, out: &mut Vec<Record>, max: usize) {
+    /// Hands out records held for partitions that are not paused, within `limit`.
+    fn take_held(&self, out: &mut Vec<Record>, limit: PollLimit, bytes: &mut usize) {
         let mut st = self.shared.state();
         let State { held, paused, next, .. } = &mut *st;
         for (tp, queue) in held.iter_mut() {
             if paused.contains(tp) {
                 continue;
             }
-            while out.len() < max {
-                let Some(r) = queue.pop_front() else { break };
+            while let Some(r) = queue.front() {
+                if !limit.admits(out.len(), *bytes, r.byte_len()) {
+                    break;
+                }
+                let r = queue.pop_front().expect("front exists");
                 next.insert(tp.clone(), r.position.offset + 1);
+                *bytes += r.byte_len();
                 out.push(r);
             }
         }
@@ -811,14 +836,14 @@ impl KafkaConsumer {
     /// Cancellation-safe (the runner polls inside `select!`): the only await
     /// is the wait for the first record, and it happens only while nothing
     /// has been taken; once a record is in hand the rest runs without yielding.
-    async fn poll_records(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, LogError> {
+    async fn poll_records(&mut self, limit: PollLimit, wait: Duration) -> Result<Vec<Record>, LogError> {
         if let Some(e) = self.deferred.take() {
             return Err(e);
         }
-        let max = max.max(1);
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         let mut generation = self.shared.generation.load(Ordering::Acquire);
-        self.take_held(&mut out, max);
+        self.take_held(&mut out, limit, &mut bytes);
         let consumer = self.consumer.clone();
         let stream = consumer.stream();
         tokio::pin!(stream);
@@ -832,17 +857,29 @@ impl KafkaConsumer {
             };
             generation = self.revalidate(&mut out, generation);
             match item {
-                Ok(msg) => self.accept(&msg, &mut out),
+                Ok(msg) => self.accept(&msg, &mut out, limit, &mut bytes),
                 Err(e) => failed = self.on_error(e),
+            }
+            if limit.records == 0 {
+                // Nothing may be handed out: one message served the consumer; stop
+                // so that librdkafka's bounded prefetch is not drained into `held`.
+                break;
             }
         }
         // ...then take only what is there already.
-        while out.len() < max && failed.is_none() {
+        while out.len() < limit.records && failed.is_none() {
             let Some(Some(item)) = stream.next().now_or_never() else { break };
             generation = self.revalidate(&mut out, generation);
+            let before = out.len();
             match item {
-                Ok(msg) => self.accept(&msg, &mut out),
+                Ok(msg) => self.accept(&msg, &mut out, limit, &mut bytes),
                 Err(e) => failed = self.on_error(e),
+            }
+            if out.len() == before {
+                // Held (paused partition, or the byte limit is reached) or
+                // dropped: leave the rest in librdkafka's bounded queue rather
+                // than moving it into `held`.
+                break;
             }
         }
         self.revalidate(&mut out, generation);
@@ -916,8 +953,8 @@ fn read_headers(msg: &BorrowedMessage<'_>) -> Headers {
 }
 
 impl LogConsumer for KafkaConsumer {
-    fn poll(&mut self, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
-        Box::pin(self.poll_records(max, wait))
+    fn poll_bounded(&mut self, limit: PollLimit, wait: Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+        Box::pin(self.poll_records(limit, wait))
     }
 
     fn commit(&mut self, offsets: &BTreeMap<TopicPartition, i64>) -> BoxFuture<'_, Result<(), LogError>> {
@@ -940,7 +977,7 @@ impl LogConsumer for KafkaConsumer {
 
     fn pause(&mut self, partitions: &[TopicPartition]) -> Result<(), LogError> {
         let mut st = self.shared.state();
-        let tps: Vec<TopicPartition> = partitions.iter().filter(|tp| st.assigned.contains_key(*tp)).cloned().collect();
+        let tps: Vec<TopicPartition> = partitions.iter().filter(|tp| st.assigned.contains_key(*tp) && !st.paused.contains(*tp)).cloned().collect();
         if tps.is_empty() {
             return Ok(());
         }
@@ -1130,6 +1167,11 @@ mod tests {
         let e = parse("bootstrap_servers = \"b:9092\"\nsesion_timeout_ms = 1").unwrap_err();
         assert!(e.contains("sesion_timeout_ms"), "{e}");
         assert!(parse("client_id = \"x\"").unwrap_err().contains("bootstrap_servers"));
+        let stat = parse("bootstrap_servers = \"b:9092\"\ngroup_instance_id = \"host-1\"").unwrap();
+        assert_eq!(stat.group_instance_id.as_deref(), Some("host-1"));
+        stat.check().unwrap();
+        let bad = KafkaConfig { group_instance_id: Some("has space".into()), ..KafkaConfig::new("b:9092") };
+        assert!(bad.check().unwrap_err().contains("group_instance_id"));
     }
 
     #[test]

@@ -11,12 +11,36 @@ use futures::future::BoxFuture;
 use crate::outcome::{Classify, ErrorClass};
 use crate::record::{OutgoingRecord, Position, Record, TopicPartition};
 
+/// How much one poll may hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollLimit {
+    /// At most this many records; 0 hands out nothing but still serves the
+    /// consumer (group membership, rebalances) for up to `wait`.
+    pub records: usize,
+    /// Stop before a record that would take the total `byte_len` past this,
+    /// except that the first record is always handed out (a record larger
+    /// than the whole budget must still pass, alone).
+    pub bytes: usize,
+}
+
+impl PollLimit {
+    pub fn records(records: usize) -> Self {
+        Self { records, bytes: usize::MAX }
+    }
+
+    /// Whether `out` (holding `bytes` so far) may take one more record of `size` bytes.
+    pub fn admits(&self, taken: usize, bytes: usize, size: usize) -> bool {
+        taken < self.records && (taken == 0 || bytes.saturating_add(size) <= self.bytes)
+    }
+}
+
 /// Reading side of the log, owned by one topology's source task.
 ///
 /// Contract:
-/// - `poll` returns records in offset order per partition, never from a
-///   paused partition, and at most `max` of them. It returns an empty batch
-///   (not an error) when nothing arrived within `wait`.
+/// - `poll_bounded` returns records in offset order per partition, never from
+///   a paused partition, within `limit` (records not handed out stay queued
+///   in order for later polls). It returns an empty batch (not an error) when
+///   nothing arrived within `wait`.
 /// - `commit` stores, per partition, the offset of the *next* record to read
 ///   (Kafka's convention). Callers only pass offsets whose records and all
 ///   their outputs are acknowledged. A restarted consumer in the same group
@@ -25,8 +49,17 @@ use crate::record::{OutgoingRecord, Position, Record, TopicPartition};
 ///   revoked partition that are still in flight must not be committed by this
 ///   consumer afterwards (commit ignores partitions it no longer owns).
 pub trait LogConsumer: Send + 'static {
-    fn poll(&mut self, max: usize, wait: std::time::Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>>;
+    fn poll_bounded(&mut self, limit: PollLimit, wait: std::time::Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>>;
+
+    /// `poll_bounded` with at most `max` records and no byte bound.
+    fn poll(&mut self, max: usize, wait: std::time::Duration) -> BoxFuture<'_, Result<Vec<Record>, LogError>> {
+        self.poll_bounded(PollLimit::records(max), wait)
+    }
+
     fn commit(&mut self, offsets: &BTreeMap<TopicPartition, i64>) -> BoxFuture<'_, Result<(), LogError>>;
+    /// Pauses `partitions` (those assigned; already paused ones are left
+    /// alone, so calling it on every loop is cheap). A partition that is
+    /// revoked and assigned again comes back unpaused.
     fn pause(&mut self, partitions: &[TopicPartition]) -> Result<(), LogError>;
     fn resume(&mut self, partitions: &[TopicPartition]) -> Result<(), LogError>;
     fn assignment(&self) -> Vec<TopicPartition>;

@@ -87,6 +87,45 @@ impl CircuitBreaker {
     }
 }
 
+impl CircuitBreaker {
+    /// Open and not yet due for its trial call at `now_ms`.
+    pub fn is_open(&self, now_ms: i64) -> bool {
+        matches!(self.state(), BreakerState::Open { until_ms } if now_ms < until_ms)
+    }
+}
+
+/// Every circuit breaker of a run, so that the runner can pause the
+/// partitions while an external dependency is known to be down (and resume
+/// them when its breaker half-opens for a trial call). Clones share the list.
+#[derive(Debug, Clone, Default)]
+pub struct Breakers(std::sync::Arc<Mutex<Vec<std::sync::Arc<CircuitBreaker>>>>);
+
+impl Breakers {
+    /// Creates a breaker and registers it.
+    pub fn breaker(&self, name: impl Into<String>, config: BreakerConfig) -> std::sync::Arc<CircuitBreaker> {
+        self.register(std::sync::Arc::new(CircuitBreaker::new(name, config)))
+    }
+
+    /// Registers a breaker made elsewhere (an embedding client's own).
+    pub fn register(&self, b: std::sync::Arc<CircuitBreaker>) -> std::sync::Arc<CircuitBreaker> {
+        let mut list = self.0.lock().unwrap();
+        if !list.iter().any(|x| std::sync::Arc::ptr_eq(x, &b)) {
+            list.push(b.clone());
+        }
+        b
+    }
+
+    /// Names of the breakers open at `now_ms`.
+    pub fn open(&self, now_ms: i64) -> Vec<String> {
+        self.0.lock().unwrap().iter().filter(|b| b.is_open(now_ms)).map(|b| b.name().to_string()).collect()
+    }
+
+    /// Every registered breaker with its state (for metrics and tests).
+    pub fn states(&self) -> Vec<(String, BreakerState)> {
+        self.0.lock().unwrap().iter().map(|b| (b.name().to_string(), b.state())).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +146,19 @@ mod tests {
         assert!(b.admit(1_011).is_err(), "only one trial call at a time");
         b.record_success();
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn the_registry_reports_open_breakers_until_they_are_due() {
+        let all = Breakers::default();
+        let a = all.breaker("a", BreakerConfig { failure_threshold: 1, open_ms: 100 });
+        let _b = all.breaker("b", BreakerConfig::default());
+        all.register(a.clone());
+        assert_eq!(all.states().len(), 2, "registering twice keeps one entry");
+        assert!(all.open(0).is_empty());
+        a.record_failure(0);
+        assert_eq!(all.open(50), vec!["a".to_string()]);
+        assert!(all.open(100).is_empty(), "due for its trial call: partitions may resume");
     }
 
     #[test]

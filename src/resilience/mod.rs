@@ -5,5 +5,5 @@
 mod breaker;
 mod retry;
 
-pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use breaker::{BreakerConfig, BreakerState, Breakers, CircuitBreaker};
 pub use retry::{Attempted, Resilient, RetryConfig};

@@ -43,7 +43,7 @@
 //! (`Unavailable`), bad row (`RowRejected`) or fatal. See its docs for the table.
 
 use crate::outcome::error_chain;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
@@ -58,7 +58,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::{AtomStore, DeadLetterRow, InsertReport, StoreError};
-use crate::atom::{AtomRow, ContentHash};
+use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use crate::outcome::ErrorClass;
 
 // ---------------------------------------------------------------------------
@@ -79,7 +79,17 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("001_atoms.sql", include_str!("../../schemas/clickhouse/001_atoms.sql")),
     ("002_dead_letters.sql", include_str!("../../schemas/clickhouse/002_dead_letters.sql")),
     ("003_atoms_per_source_hour.sql", include_str!("../../schemas/clickhouse/003_atoms_per_source_hour.sql")),
+    ("004_atom_arrivals.sql", include_str!("../../schemas/clickhouse/004_atom_arrivals.sql")),
+    ("005_atoms_first_arrival_wins.sql", include_str!("../../schemas/clickhouse/005_atoms_first_arrival_wins.sql")),
 ];
+
+/// A schema-file comment that guards the statement after it:
+/// `-- hartonomous:run-if: <query returning one number>`. The statement runs
+/// only when the query returns a non-zero number; when the statement fails
+/// and the query then returns 0, a concurrent migrator did the step, and the
+/// failure is ignored. Guards make multi-step rebuilds (such as
+/// 005_atoms_first_arrival_wins.sql) safe to repeat after a crash.
+pub const RUN_IF: &str = "-- hartonomous:run-if:";
 
 /// Columns the store writes to `atoms`, with their ClickHouse types. Checked
 /// by [`ClickHouseStore::migrate`]: RowBinary inserts carry no types, so a
@@ -103,6 +113,27 @@ pub const ATOMS_COLUMNS: &[(&str, &str)] = &[
     ("ingested_at", "DateTime('UTC')"),
     ("ingested_at_ms", "UInt64"),
     ("trace_id", "String"),
+    // Not written: its DEFAULT ranks the first stored row highest (005).
+    ("first_wins_rank", "UInt64"),
+];
+
+/// Columns the store writes to `atom_arrivals`, with their ClickHouse types.
+pub const ARRIVALS_COLUMNS: &[(&str, &str)] = &[
+    ("source_topic", "String"),
+    ("source_partition", "Int32"),
+    ("source_offset", "Int64"),
+    ("content_hash", "String"),
+    ("outcome", "Enum8('created' = 1, 'matched' = 2)"),
+    ("content_type", "String"),
+    ("content_size", "UInt64"),
+    ("source_system", "String"),
+    ("correlation_id", "String"),
+    ("event_time", "DateTime('UTC')"),
+    ("event_time_ms", "Int64"),
+    ("arrived_at", "DateTime('UTC')"),
+    ("arrived_at_ms", "UInt64"),
+    ("trace_id", "String"),
+    ("first_wins_rank", "UInt64"),
 ];
 
 /// Columns the store writes to `dead_letters`, with their ClickHouse types.
@@ -599,6 +630,32 @@ struct DeadLetterInsert<'a> {
 }
 
 #[derive(Row, Serialize)]
+struct ArrivalInsert<'a> {
+    source_topic: &'a str,
+    source_partition: i32,
+    source_offset: i64,
+    content_hash: String,
+    /// Enum8 travels as its Int8 value in RowBinary: 1 created, 2 matched.
+    outcome: i8,
+    content_type: &'a str,
+    content_size: u64,
+    source_system: &'a str,
+    correlation_id: &'a str,
+    event_time: u32,
+    event_time_ms: i64,
+    arrived_at: u32,
+    arrived_at_ms: u64,
+    trace_id: &'a str,
+}
+
+fn outcome_code(o: ArrivalOutcome) -> i8 {
+    match o {
+        ArrivalOutcome::Created => 1,
+        ArrivalOutcome::Matched => 2,
+    }
+}
+
+#[derive(Row, Serialize)]
 struct MigrationInsert<'a> {
     name: &'a str,
     checksum: &'a str,
@@ -638,6 +695,16 @@ fn atom_wire_size(row: &AtomRow) -> usize {
     ];
     let fixed = 8 + 4 + 4 + 8 + 4 + 8 + 4 + 8; // size, dimension, event_time(+ms), partition, offset, ingested_at(+ms)
     strings.iter().map(|n| n + LEN_PREFIX).sum::<usize>() + LEN_PREFIX + 4 * row.embedding.len() + fixed
+}
+
+fn arrival_wire_size(row: &ArrivalRow) -> usize {
+    let strings = [row.source_topic.len(), 64, row.content_type.len(), row.source_system.len(), row.correlation_id.len(), row.trace_id.len()];
+    let fixed = 4 + 8 + 1 + 8 + 4 + 8 + 4 + 8; // partition, offset, outcome, size, event_time(+ms), arrived_at(+ms)
+    strings.iter().map(|n| n + LEN_PREFIX).sum::<usize>() + fixed
+}
+
+fn describe_arrival(row: &ArrivalRow) -> String {
+    format!("arrival {}/{}@{}", row.source_topic, row.source_partition, row.source_offset)
 }
 
 fn dead_letter_wire_size(row: &DeadLetterRow) -> usize {
@@ -726,6 +793,11 @@ pub fn atoms_dedup_token(rows: &[&AtomRow]) -> String {
     )
 }
 
+/// The deduplication token of one chunk of arrivals: from their source positions.
+pub fn arrivals_dedup_token(rows: &[&ArrivalRow]) -> String {
+    dedup_token("hartonomous-arrivals", rows, |r| (r.source_topic.as_str(), r.source_partition, r.source_offset), |_, _| {})
+}
+
 /// The deduplication token of one chunk of dead letters: from their source
 /// positions (a dead letter's identity).
 pub fn dead_letters_dedup_token(rows: &[&DeadLetterRow]) -> String {
@@ -799,6 +871,38 @@ pub fn split_statements(script: &str) -> Vec<String> {
     }
     flush(&mut current);
     out
+}
+
+/// One statement of a schema file and the guard (see [`RUN_IF`]) before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub guard: Option<String>,
+    pub sql: String,
+}
+
+/// Splits a schema file into statements, each with the `-- hartonomous:run-if:`
+/// guard written on the line before it, if any.
+pub fn split_steps(script: &str) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut segment = String::new();
+    let mut guard: Option<String> = None;
+    let mut flush = |segment: &mut String, guard: Option<String>| {
+        for (i, sql) in split_statements(segment).into_iter().enumerate() {
+            steps.push(Step { guard: if i == 0 { guard.clone() } else { None }, sql });
+        }
+        segment.clear();
+    };
+    for line in script.lines() {
+        if let Some(query) = line.trim_start().strip_prefix(RUN_IF) {
+            flush(&mut segment, guard.take());
+            guard = Some(query.trim().to_string());
+        } else {
+            segment.push_str(line);
+            segment.push('\n');
+        }
+    }
+    flush(&mut segment, guard);
+    steps
 }
 
 /// The first keyword of a statement, upper-cased, after whitespace,
@@ -882,6 +986,7 @@ pub struct ClickHouseStore {
     /// Held across the existence check and the insert, so that calls on this
     /// store never write the same key twice.
     atoms_writer: Mutex<()>,
+    arrivals_writer: Mutex<()>,
     dead_letters_writer: Mutex<()>,
 }
 
@@ -982,7 +1087,7 @@ impl ClickHouseStore {
         }
 
         let client = server.with_database(database);
-        let store = Self { config, client, capabilities, timeout, atoms_writer: Mutex::new(()), dead_letters_writer: Mutex::new(()) };
+        let store = Self { config, client, capabilities, timeout, atoms_writer: Mutex::new(()), arrivals_writer: Mutex::new(()), dead_letters_writer: Mutex::new(()) };
         tracing::info!(
             url = %store.config.url,
             database = %store.config.database,
@@ -1079,21 +1184,43 @@ impl ClickHouseStore {
             applied.push(name.to_string());
         }
         if self.capabilities.supports_dedup_token {
-            for table in ["atoms", "dead_letters"] {
+            for table in ["atoms", "dead_letters", "atom_arrivals"] {
                 self.enable_dedup_window(table).await?;
             }
         }
         self.verify_columns("atoms", ATOMS_COLUMNS).await?;
         self.verify_columns("dead_letters", DEAD_LETTERS_COLUMNS).await?;
+        self.verify_columns("atom_arrivals", ARRIVALS_COLUMNS).await?;
         Ok(applied)
     }
 
     async fn execute_script(&self, name: &str, script: &str) -> Result<(), StoreError> {
-        for (i, statement) in split_statements(script).iter().enumerate() {
+        for (i, step) in split_steps(script).iter().enumerate() {
             let context = format!("schemas/clickhouse/{name} statement {} in database `{}`", i + 1, self.config.database);
-            self.timed(&context, self.client.query_raw(statement).execute()).await?;
+            if let Some(guard) = &step.guard
+                && !self.guard_holds(&context, guard).await?
+            {
+                tracing::debug!(file = name, statement = i + 1, "schema step skipped: its run-if condition is false");
+                continue;
+            }
+            if let Err(e) = self.timed(&context, self.client.query_raw(&step.sql).execute()).await {
+                match &step.guard {
+                    Some(guard) if !self.guard_holds(&context, guard).await? => {
+                        tracing::info!(file = name, statement = i + 1, error = %e, "schema step failed but is done: another migrator ran it");
+                    }
+                    _ => return Err(e),
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Evaluates a [`RUN_IF`] guard: true when it returns a non-zero number.
+    async fn guard_holds(&self, context: &str, query: &str) -> Result<bool, StoreError> {
+        let value: u64 = self
+            .timed(&format!("{context}: run-if `{query}`"), self.client.query_raw(&format!("SELECT toUInt64(({query}))")).fetch_one::<u64>())
+            .await?;
+        Ok(value != 0)
     }
 
     async fn enable_dedup_window(&self, table: &str) -> Result<(), StoreError> {
@@ -1220,6 +1347,126 @@ impl ClickHouseStore {
             found.extend(rows.iter().filter_map(|h| ContentHash::from_hex(h)));
         }
         Ok(found)
+    }
+
+    /// Every physical row's lineage for the given hashes (no FINAL: a row a
+    /// racing writer added is visible until a merge removes it).
+    async fn find_atoms_impl(&self, hashes: &[ContentHash]) -> Result<HashMap<ContentHash, Vec<SourcePosition>>, StoreError> {
+        let mut seen = HashSet::with_capacity(hashes.len());
+        let unique: Vec<String> = hashes.iter().filter(|h| seen.insert(**h)).map(ContentHash::to_hex).collect();
+        let mut found: HashMap<ContentHash, Vec<SourcePosition>> = HashMap::new();
+        for chunk in unique.chunks(KEYS_PER_QUERY) {
+            let rows: Vec<(String, String, i32, i64)> = self
+                .timed(
+                    &format!("look up {} content hashes in {}", chunk.len(), self.table("atoms")),
+                    self.client
+                        .query("SELECT content_hash, source_topic, source_partition, source_offset FROM atoms WHERE content_hash IN ?")
+                        .bind(SqlTuple(chunk))
+                        .fetch_all::<(String, String, i32, i64)>(),
+                )
+                .await?;
+            for (hash, topic, partition, offset) in rows {
+                if let Some(h) = ContentHash::from_hex(&hash) {
+                    let p = SourcePosition::new(topic, partition, offset);
+                    let list = found.entry(h).or_default();
+                    if !list.contains(&p) {
+                        list.push(p);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Recorded outcomes by position, one query per (topic, partition) and
+    /// 2,000 offsets. A position with several physical rows (a replay racing
+    /// a merge) answers with the row written first, as FINAL would.
+    async fn arrival_outcomes_impl(&self, positions: &[SourcePosition]) -> Result<HashMap<SourcePosition, ArrivalOutcome>, StoreError> {
+        let mut by_place: BTreeMap<(&str, i32), Vec<i64>> = BTreeMap::new();
+        for p in positions {
+            by_place.entry((p.topic.as_str(), p.partition)).or_default().push(p.offset);
+        }
+        let mut found = HashMap::new();
+        for ((topic, partition), mut offsets) in by_place {
+            offsets.sort_unstable();
+            offsets.dedup();
+            for chunk in offsets.chunks(KEYS_PER_QUERY) {
+                let rows: Vec<(i64, u8)> = self
+                    .timed(
+                        &format!("look up {} arrivals of {topic}/{partition} in {}", chunk.len(), self.table("atom_arrivals")),
+                        self.client
+                            .query(
+                                "SELECT source_offset, argMax(outcome = 'created', first_wins_rank) FROM atom_arrivals \
+                                 WHERE source_topic = ? AND source_partition = ? AND source_offset IN ? GROUP BY source_offset",
+                            )
+                            .bind(topic)
+                            .bind(partition)
+                            .bind(SqlTuple(chunk))
+                            .fetch_all::<(i64, u8)>(),
+                    )
+                    .await?;
+                for (offset, created) in rows {
+                    let outcome = if created != 0 { ArrivalOutcome::Created } else { ArrivalOutcome::Matched };
+                    found.insert(SourcePosition::new(topic, partition, offset), outcome);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn insert_arrivals_impl(&self, rows: &[ArrivalRow]) -> Result<InsertReport, StoreError> {
+        if rows.is_empty() {
+            return Ok(InsertReport::default());
+        }
+        let _writer = self.arrivals_writer.lock().await;
+        let mut seen = HashSet::with_capacity(rows.len());
+        let unique: Vec<&ArrivalRow> = rows.iter().filter(|r| seen.insert(r.position())).collect();
+        let positions: Vec<SourcePosition> = unique.iter().map(|r| r.position()).collect();
+        let stored = self.arrival_outcomes_impl(&positions).await?;
+        let fresh: Vec<&ArrivalRow> = unique.into_iter().filter(|r| !stored.contains_key(&r.position())).collect();
+        let report = InsertReport { inserted: fresh.len(), already_present: rows.len() - fresh.len() };
+        if fresh.is_empty() {
+            return Ok(report);
+        }
+        let mut sizes = Vec::with_capacity(fresh.len());
+        for row in &fresh {
+            if row.arrived_at_ms < 0 {
+                return Err(StoreError::RowRejected(format!("{}: arrived_at_ms is {}, before 1970", describe_arrival(row), row.arrived_at_ms)));
+            }
+            sizes.push(arrival_wire_size(row));
+        }
+        for range in plan_chunks(&sizes, self.config.max_rows_per_insert, self.config.max_bytes_per_insert) {
+            let chunk = &fresh[range];
+            let token = self.capabilities.supports_dedup_token.then(|| arrivals_dedup_token(chunk));
+            let context = format!("insert {} arrivals into {}", chunk.len(), self.table("atom_arrivals"));
+            self.timed(&context, async {
+                let insert = self.client.insert::<ArrivalInsert<'_>>("atom_arrivals").await?;
+                let mut insert = self.insert_settings(insert, token.as_deref());
+                for row in chunk {
+                    insert
+                        .write(&ArrivalInsert {
+                            source_topic: &row.source_topic,
+                            source_partition: row.source_partition,
+                            source_offset: row.source_offset,
+                            content_hash: row.content_hash.to_hex(),
+                            outcome: outcome_code(row.outcome),
+                            content_type: &row.content_type,
+                            content_size: row.content_size,
+                            source_system: &row.source_system,
+                            correlation_id: &row.correlation_id,
+                            event_time: datetime_secs(row.event_time_ms),
+                            event_time_ms: row.event_time_ms,
+                            arrived_at: datetime_secs(row.arrived_at_ms),
+                            arrived_at_ms: row.arrived_at_ms as u64,
+                            trace_id: &row.trace_id,
+                        })
+                        .await?;
+                }
+                insert.end().await
+            })
+            .await?;
+        }
+        Ok(report)
     }
 
     async fn existing_dead_letter_keys(&self, rows: &[&DeadLetterRow]) -> Result<HashSet<(String, i32, i64)>, StoreError> {
@@ -1420,6 +1667,18 @@ fn now_ms() -> i64 {
 }
 
 impl AtomStore for ClickHouseStore {
+    fn find_atoms<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashMap<ContentHash, Vec<SourcePosition>>, StoreError>> {
+        Box::pin(self.find_atoms_impl(hashes))
+    }
+
+    fn arrival_outcomes<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, ArrivalOutcome>, StoreError>> {
+        Box::pin(self.arrival_outcomes_impl(positions))
+    }
+
+    fn insert_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
+        Box::pin(self.insert_arrivals_impl(rows))
+    }
+
     fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>> {
         Box::pin(self.existing_hashes_impl(hashes))
     }
@@ -1765,14 +2024,34 @@ mod tests {
             ]
         );
         for (name, sql) in MIGRATIONS.iter().chain(std::iter::once(&BOOTSTRAP)) {
-            let statements = split_statements(sql);
-            assert!(!statements.is_empty(), "{name}");
-            for s in &statements {
-                assert!(s.starts_with("CREATE "), "{name}: {s}");
-                assert!(!s.contains("--"), "{name}: comment left in {s}");
+            let steps = split_steps(sql);
+            assert!(!steps.is_empty(), "{name}");
+            for s in &steps {
+                // Plain files only create; a rebuild guards every step that is not idempotent by itself.
+                assert!(s.sql.starts_with("CREATE ") || s.guard.is_some() || s.sql.starts_with("DROP TABLE IF EXISTS"), "{name}: unguarded {}", s.sql);
+                assert!(!s.sql.contains("--"), "{name}: comment left in {}", s.sql);
             }
         }
         assert_eq!(split_statements(MIGRATIONS[2].1).len(), 2);
+    }
+
+    #[test]
+    fn run_if_guards_attach_to_the_statement_after_them() {
+        let script = "-- intro\nCREATE TABLE a (x UInt8) ENGINE = Memory;\n-- hartonomous:run-if: SELECT 1\nRENAME TABLE a TO b;\nDROP TABLE IF EXISTS c;\n  -- hartonomous:run-if: SELECT count() FROM t\nINSERT INTO b SELECT 1";
+        let steps = split_steps(script);
+        assert_eq!(
+            steps,
+            vec![
+                Step { guard: None, sql: "CREATE TABLE a (x UInt8) ENGINE = Memory".into() },
+                Step { guard: Some("SELECT 1".into()), sql: "RENAME TABLE a TO b".into() },
+                Step { guard: None, sql: "DROP TABLE IF EXISTS c".into() },
+                Step { guard: Some("SELECT count() FROM t".into()), sql: "INSERT INTO b SELECT 1".into() },
+            ]
+        );
+        let rebuild = split_steps(MIGRATIONS[4].1);
+        assert_eq!(rebuild.len(), 6, "{rebuild:#?}");
+        assert_eq!(rebuild.iter().filter(|s| s.guard.is_some()).count(), 4);
+        assert!(rebuild[2].sql.starts_with("RENAME TABLE atoms TO atoms_before_005") && rebuild[2].guard.is_some());
     }
 
     #[test]
@@ -1785,6 +2064,11 @@ mod tests {
             assert!(code.contains("IF NOT EXISTS"), "{name} is not idempotent");
             assert!(sql.trim_start().starts_with("--"), "{name} must explain what it avoids");
         }
+        let arrivals = MIGRATIONS[3].1;
+        for (column, ty) in ARRIVALS_COLUMNS {
+            assert!(arrivals.contains(&format!("    {column} {ty}")), "004 lacks {column} {ty}");
+        }
+        let rebuilt = MIGRATIONS[4].1;
         // Numbered, in order, unique.
         let names: Vec<&str> = MIGRATIONS.iter().map(|(n, _)| *n).collect();
         let mut sorted = names.clone();
@@ -1792,9 +2076,11 @@ mod tests {
         sorted.dedup();
         assert_eq!(names, sorted);
         // The column lists match the DDL.
-        let atoms = MIGRATIONS[0].1;
         for (column, ty) in ATOMS_COLUMNS {
-            assert!(atoms.contains(&format!("    {column} {ty}")), "001_atoms.sql lacks {column} {ty}");
+            assert!(rebuilt.contains(&format!("    {column} {ty}")), "005 lacks {column} {ty}");
+            if *column != "first_wins_rank" {
+                assert!(MIGRATIONS[0].1.contains(&format!("    {column} {ty}")), "001_atoms.sql lacks {column} {ty}");
+            }
         }
         let dead_letters = MIGRATIONS[1].1;
         for (column, ty) in DEAD_LETTERS_COLUMNS {

@@ -6,6 +6,7 @@
 //! ```text
 //! <data_dir>/tables/atoms/part-<20-digit sequence>-<unique>.parquet
 //! <data_dir>/tables/dead_letters/part-<20-digit sequence>-<unique>.parquet
+//! <data_dir>/tables/atom_arrivals/part-<20-digit sequence>-<unique>.parquet
 //! ```
 //!
 //! Every successful insert call that stores at least one new row writes
@@ -29,13 +30,15 @@
 //!
 //! # Memory
 //!
-//! Idempotency checks and [`AtomStore::existing_hashes`] answer from memory,
-//! with no scan: `open` reads the `content_hash` column of every atoms part
-//! (and the three key columns of every dead-letters part) into hash sets.
-//! Expect about **100 bytes of memory per stored atom** (a 32-byte hash plus
-//! the hash set's control bytes and spare capacity, up to twice that right
-//! after the set grows), e.g. about 1 GB for 10 million atoms, and about
-//! 50 bytes per stored dead letter plus each distinct source topic's name.
+//! Idempotency checks, [`AtomStore::find_atoms`] and
+//! [`AtomStore::arrival_outcomes`] answer from memory, with no scan: `open`
+//! reads the key columns of every part (hash and lineage of atoms, position
+//! and outcome of arrivals, position of dead letters) into hash maps. Expect
+//! about **120 bytes of memory per stored atom** (a 32-byte hash, its
+//! 16-byte lineage and the map's control bytes and spare capacity, up to
+//! twice that right after the map grows), e.g. about 1.2 GB for 10 million
+//! atoms, about 60 bytes per arrival and 50 per dead letter, plus each
+//! distinct source topic's name once.
 //! `open` time grows with the number of stored rows too, since it reads one
 //! column of every part.
 
@@ -67,12 +70,14 @@ use parquet::file::properties::WriterProperties;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{AtomStore, DeadLetterRow, InsertReport, StoreError};
-use crate::atom::{AtomRow, ContentHash};
+use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 
 /// Name of the atoms table (and of its directory under `<data_dir>/tables`).
 pub const ATOMS_TABLE: &str = "atoms";
 /// Name of the dead-letters table (and of its directory under `<data_dir>/tables`).
 pub const DEAD_LETTERS_TABLE: &str = "dead_letters";
+/// Name of the arrivals table (and of its directory under `<data_dir>/tables`).
+pub const ARRIVALS_TABLE: &str = "atom_arrivals";
 
 const PART_PREFIX: &str = "part-";
 const PART_SUFFIX: &str = ".parquet";
@@ -175,6 +180,41 @@ pub fn dead_letters_schema() -> SchemaRef {
     ]))
 }
 
+/// Columns of the `atom_arrivals` table, one row per accepted request, keyed
+/// by (`source_topic`, `source_partition`, `source_offset`). Every column is
+/// non-nullable.
+///
+/// | column | type | from [`ArrivalRow`] |
+/// | --- | --- | --- |
+/// | `source_topic` | Utf8 | `source_topic` |
+/// | `source_partition` | Int32 | `source_partition` |
+/// | `source_offset` | Int64 | `source_offset` |
+/// | `content_hash` | Utf8 | 64 lowercase hex chars |
+/// | `outcome` | Utf8 | `created` or `matched` |
+/// | `content_type` | Utf8 | `content_type` |
+/// | `content_size` | UInt64 | `content_size` |
+/// | `source_system` | Utf8 | `source_system` |
+/// | `correlation_id` | Utf8 | `correlation_id` |
+/// | `event_time` | Timestamp(ms, "UTC") | `event_time_ms` |
+/// | `arrived_at` | Timestamp(ms, "UTC") | `arrived_at_ms` |
+/// | `trace_id` | Utf8 | `trace_id` |
+pub fn arrivals_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("source_topic", DataType::Utf8, false),
+        Field::new("source_partition", DataType::Int32, false),
+        Field::new("source_offset", DataType::Int64, false),
+        Field::new("content_hash", DataType::Utf8, false),
+        Field::new("outcome", DataType::Utf8, false),
+        Field::new("content_type", DataType::Utf8, false),
+        Field::new("content_size", DataType::UInt64, false),
+        Field::new("source_system", DataType::Utf8, false),
+        Field::new("correlation_id", DataType::Utf8, false),
+        Field::new("event_time", timestamp_ms_utc(), false),
+        Field::new("arrived_at", timestamp_ms_utc(), false),
+        Field::new("trace_id", DataType::Utf8, false),
+    ]))
+}
+
 // ---------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------
@@ -251,6 +291,41 @@ struct Table {
 /// Dead-letter keys, grouped by source topic so each topic name is held once.
 type DeadLetterKeys = HashMap<String, HashSet<(i32, i64)>>;
 
+/// A source position in memory: the topic as an index into [`Keys::topics`].
+type PosKey = (u32, i32, i64);
+
+/// The atoms' and arrivals' keys, under one lock so the two stay consistent.
+#[derive(Default)]
+struct Keys {
+    /// Hash → lineage of the stored atom.
+    atoms: HashMap<ContentHash, PosKey>,
+    /// Source position → recorded outcome.
+    arrivals: HashMap<PosKey, ArrivalOutcome>,
+    topics: Vec<Arc<str>>,
+    topic_index: HashMap<Arc<str>, u32>,
+}
+
+impl Keys {
+    fn intern(&mut self, topic: &str) -> u32 {
+        if let Some(i) = self.topic_index.get(topic) {
+            return *i;
+        }
+        let name: Arc<str> = Arc::from(topic);
+        let i = self.topics.len() as u32;
+        self.topics.push(name.clone());
+        self.topic_index.insert(name, i);
+        i
+    }
+
+    fn lookup(&self, p: &SourcePosition) -> Option<PosKey> {
+        self.topic_index.get(p.topic.as_str()).map(|t| (*t, p.partition, p.offset))
+    }
+
+    fn position(&self, k: &PosKey) -> SourcePosition {
+        SourcePosition::new(&*self.topics[k.0 as usize], k.1, k.2)
+    }
+}
+
 /// The embedded store: Parquet files under a data directory, queried with
 /// DataFusion SQL. See the [module docs](self) for layout, crash safety and
 /// memory cost.
@@ -258,7 +333,8 @@ pub struct EmbeddedStore {
     data_dir: PathBuf,
     atoms: Table,
     dead_letters: Table,
-    hashes: Arc<RwLock<HashSet<ContentHash>>>,
+    arrivals: Table,
+    keys: Arc<RwLock<Keys>>,
     dead_letter_keys: Arc<RwLock<DeadLetterKeys>>,
 }
 
@@ -307,22 +383,27 @@ impl EmbeddedStore {
         let tables = data_dir.join("tables");
 
         let (atoms, atom_parts) = Table::open(ATOMS_TABLE, tables.join(ATOMS_TABLE), atoms_schema(), writable)?;
-        let mut hashes = HashSet::new();
+        let mut keys = Keys::default();
         for part in &atom_parts {
-            load_hashes(part, &mut hashes)?;
+            load_atom_keys(part, &mut keys)?;
+        }
+        let (arrivals, arrival_parts) = Table::open(ARRIVALS_TABLE, tables.join(ARRIVALS_TABLE), arrivals_schema(), writable)?;
+        for part in &arrival_parts {
+            load_arrival_keys(part, &mut keys)?;
         }
 
         let (dead_letters, dl_parts) =
             Table::open(DEAD_LETTERS_TABLE, tables.join(DEAD_LETTERS_TABLE), dead_letters_schema(), writable)?;
-        let mut keys = DeadLetterKeys::new();
+        let mut dl_keys = DeadLetterKeys::new();
         for part in &dl_parts {
-            load_dead_letter_keys(part, &mut keys)?;
+            load_dead_letter_keys(part, &mut dl_keys)?;
         }
 
         tracing::info!(
             data_dir = %data_dir.display(),
             atom_parts = atom_parts.len(),
-            atoms = hashes.len(),
+            atoms = keys.atoms.len(),
+            arrivals = keys.arrivals.len(),
             dead_letter_parts = dl_parts.len(),
             "embedded store opened"
         );
@@ -330,8 +411,9 @@ impl EmbeddedStore {
             data_dir,
             atoms,
             dead_letters,
-            hashes: Arc::new(RwLock::new(hashes)),
-            dead_letter_keys: Arc::new(RwLock::new(keys)),
+            arrivals,
+            keys: Arc::new(RwLock::new(keys)),
+            dead_letter_keys: Arc::new(RwLock::new(dl_keys)),
         })
     }
 
@@ -352,7 +434,17 @@ impl EmbeddedStore {
 
     /// Number of stored atoms, from memory.
     pub fn atom_count(&self) -> usize {
-        read_lock(&self.hashes).len()
+        read_lock(&self.keys).atoms.len()
+    }
+
+    /// Number of stored arrivals, from memory.
+    pub fn arrival_count(&self) -> usize {
+        read_lock(&self.keys).arrivals.len()
+    }
+
+    /// The directory holding the `atom_arrivals` table's Parquet files.
+    pub fn arrivals_dir(&self) -> &Path {
+        &self.arrivals.dir
     }
 
     /// Number of stored dead letters, from memory.
@@ -378,7 +470,7 @@ impl EmbeddedStore {
 
     async fn run_query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
-        for table in [&self.atoms, &self.dead_letters] {
+        for table in [&self.atoms, &self.dead_letters, &self.arrivals] {
             table.register(&ctx).await?;
         }
         let options = SQLOptions::new()
@@ -602,15 +694,39 @@ fn column<'b, T: 'static>(batch: &'b RecordBatch, name: &str, path: &Path) -> Re
         })
 }
 
-fn load_hashes(path: &Path, hashes: &mut HashSet<ContentHash>) -> Result<(), StoreError> {
-    read_columns(path, &["content_hash"], |batch| {
-        let col = column::<StringArray>(batch, "content_hash", path)?;
-        for value in col.iter() {
-            let value = value.unwrap_or_default();
-            let hash = ContentHash::from_hex(value).ok_or_else(|| {
-                StoreError::Fatal(format!("{}: content_hash {value:?} is not 64 hex chars", path.display()))
+fn parse_hash(value: &str, path: &Path) -> Result<ContentHash, StoreError> {
+    ContentHash::from_hex(value)
+        .ok_or_else(|| StoreError::Fatal(format!("{}: content_hash {value:?} is not 64 hex chars", path.display())))
+}
+
+fn load_atom_keys(path: &Path, keys: &mut Keys) -> Result<(), StoreError> {
+    read_columns(path, &["content_hash", "source_topic", "source_partition", "source_offset"], |batch| {
+        let hashes = column::<StringArray>(batch, "content_hash", path)?;
+        let topics = column::<StringArray>(batch, "source_topic", path)?;
+        let partitions = column::<Int32Array>(batch, "source_partition", path)?;
+        let offsets = column::<Int64Array>(batch, "source_offset", path)?;
+        for i in 0..batch.num_rows() {
+            let hash = parse_hash(hashes.value(i), path)?;
+            let topic = keys.intern(topics.value(i));
+            // The first stored row of a hash is its lineage; inserts never write a second.
+            keys.atoms.entry(hash).or_insert((topic, partitions.value(i), offsets.value(i)));
+        }
+        Ok(())
+    })
+}
+
+fn load_arrival_keys(path: &Path, keys: &mut Keys) -> Result<(), StoreError> {
+    read_columns(path, &["source_topic", "source_partition", "source_offset", "outcome"], |batch| {
+        let topics = column::<StringArray>(batch, "source_topic", path)?;
+        let partitions = column::<Int32Array>(batch, "source_partition", path)?;
+        let offsets = column::<Int64Array>(batch, "source_offset", path)?;
+        let outcomes = column::<StringArray>(batch, "outcome", path)?;
+        for i in 0..batch.num_rows() {
+            let outcome = ArrivalOutcome::parse(outcomes.value(i)).ok_or_else(|| {
+                StoreError::Fatal(format!("{}: outcome {:?} is neither created nor matched", path.display(), outcomes.value(i)))
             })?;
-            hashes.insert(hash);
+            let topic = keys.intern(topics.value(i));
+            keys.arrivals.entry((topic, partitions.value(i), offsets.value(i))).or_insert(outcome);
         }
         Ok(())
     })
@@ -737,6 +853,29 @@ fn atoms_batch(rows: &[&AtomRow]) -> Result<RecordBatch, StoreError> {
     RecordBatch::try_new(atoms_schema(), columns).map_err(|e| arrow_error("build atoms batch", e))
 }
 
+fn arrival_bytes(row: &ArrivalRow) -> usize {
+    96 + row.source_topic.len() + row.content_type.len() + row.source_system.len() + row.correlation_id.len() + row.trace_id.len()
+}
+
+/// Builds one batch of the `atom_arrivals` table (rows must fit [`BATCH_BYTE_BUDGET`]).
+fn arrivals_batch(rows: &[&ArrivalRow]) -> Result<RecordBatch, StoreError> {
+    let columns: Vec<ArrayRef> = vec![
+        strings(rows, |r| &r.source_topic),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.source_partition))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.source_offset))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.content_hash.to_hex()))),
+        strings(rows, |r| r.outcome.as_str()),
+        strings(rows, |r| &r.content_type),
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.content_size))),
+        strings(rows, |r| &r.source_system),
+        strings(rows, |r| &r.correlation_id),
+        timestamps(rows, |r| r.event_time_ms),
+        timestamps(rows, |r| r.arrived_at_ms),
+        strings(rows, |r| &r.trace_id),
+    ];
+    RecordBatch::try_new(arrivals_schema(), columns).map_err(|e| arrow_error("build atom_arrivals batch", e))
+}
+
 /// Builds one batch of the `dead_letters` table (rows must fit [`BATCH_BYTE_BUDGET`]).
 fn dead_letters_batch(rows: &[&DeadLetterRow]) -> Result<RecordBatch, StoreError> {
     let columns: Vec<ArrayRef> = vec![
@@ -765,10 +904,10 @@ impl EmbeddedStore {
         // Only writers add hashes and they hold `guard`, so this view stays
         // current until the write below completes.
         let fresh: Vec<&AtomRow> = {
-            let stored = read_lock(&self.hashes);
+            let stored = read_lock(&self.keys);
             let mut seen = HashSet::with_capacity(rows.len());
             rows.iter()
-                .filter(|r| !stored.contains(&r.content_hash) && seen.insert(r.content_hash))
+                .filter(|r| !stored.atoms.contains_key(&r.content_hash) && seen.insert(r.content_hash))
                 .collect()
         };
         let report = InsertReport { inserted: fresh.len(), already_present: rows.len() - fresh.len() };
@@ -779,10 +918,51 @@ impl EmbeddedStore {
             .iter()
             .map(|chunk| atoms_batch(chunk))
             .collect::<Result<Vec<_>, _>>()?;
-        let new_hashes: Vec<ContentHash> = fresh.iter().map(|r| r.content_hash).collect();
-        let hashes = self.hashes.clone();
+        let new_keys: Vec<(ContentHash, SourcePosition)> = fresh.iter().map(|r| (r.content_hash, r.position())).collect();
+        let keys = self.keys.clone();
         self.atoms
-            .write_part(guard, batches, move || write_lock(&hashes).extend(new_hashes))
+            .write_part(guard, batches, move || {
+                let mut keys = write_lock(&keys);
+                for (hash, p) in new_keys {
+                    let topic = keys.intern(&p.topic);
+                    keys.atoms.insert(hash, (topic, p.partition, p.offset));
+                }
+            })
+            .await?;
+        Ok(report)
+    }
+
+    async fn insert_arrivals_impl(&self, rows: &[ArrivalRow]) -> Result<InsertReport, StoreError> {
+        let guard = self.arrivals.writer.clone().lock_owned().await;
+        let fresh: Vec<&ArrivalRow> = {
+            let stored = read_lock(&self.keys);
+            let mut seen = HashSet::with_capacity(rows.len());
+            rows.iter()
+                .filter(|r| {
+                    let p = r.position();
+                    let known = stored.lookup(&p).is_some_and(|k| stored.arrivals.contains_key(&k));
+                    !known && seen.insert(p)
+                })
+                .collect()
+        };
+        let report = InsertReport { inserted: fresh.len(), already_present: rows.len() - fresh.len() };
+        if fresh.is_empty() {
+            return Ok(report);
+        }
+        let batches = chunk_by_size(&fresh, arrival_bytes, |r| format!("arrival {}", r.position()))?
+            .iter()
+            .map(|chunk| arrivals_batch(chunk))
+            .collect::<Result<Vec<_>, _>>()?;
+        let new_keys: Vec<(SourcePosition, ArrivalOutcome)> = fresh.iter().map(|r| (r.position(), r.outcome)).collect();
+        let keys = self.keys.clone();
+        self.arrivals
+            .write_part(guard, batches, move || {
+                let mut keys = write_lock(&keys);
+                for (p, outcome) in new_keys {
+                    let topic = keys.intern(&p.topic);
+                    keys.arrivals.insert((topic, p.partition, p.offset), outcome);
+                }
+            })
             .await?;
         Ok(report)
     }
@@ -826,11 +1006,25 @@ impl EmbeddedStore {
 }
 
 impl AtomStore for EmbeddedStore {
-    fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>> {
+    fn find_atoms<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashMap<ContentHash, Vec<SourcePosition>>, StoreError>> {
         Box::pin(async move {
-            let stored = read_lock(&self.hashes);
-            Ok(hashes.iter().filter(|h| stored.contains(h)).copied().collect())
+            let keys = read_lock(&self.keys);
+            Ok(hashes.iter().filter_map(|h| keys.atoms.get(h).map(|k| (*h, vec![keys.position(k)]))).collect())
         })
+    }
+
+    fn arrival_outcomes<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, ArrivalOutcome>, StoreError>> {
+        Box::pin(async move {
+            let keys = read_lock(&self.keys);
+            Ok(positions
+                .iter()
+                .filter_map(|p| keys.lookup(p).and_then(|k| keys.arrivals.get(&k)).map(|o| (p.clone(), *o)))
+                .collect())
+        })
+    }
+
+    fn insert_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
+        Box::pin(self.insert_arrivals_impl(rows))
     }
 
     fn insert_atoms<'a>(&'a self, rows: &'a [AtomRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {

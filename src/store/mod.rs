@@ -5,11 +5,11 @@
 pub mod embedded;
 pub mod clickhouse;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use futures::future::BoxFuture;
 
-use crate::atom::{AtomRow, ContentHash};
+use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use crate::outcome::{Classify, ErrorClass};
 
 /// One record that went to a dead-letter topic, as archived for analysts
@@ -39,16 +39,32 @@ pub struct InsertReport {
 
 /// The atom store contract.
 ///
-/// - `existing_hashes` answers for a whole window at once (`hash IN (...)`).
+/// - `find_atoms` answers for a whole window at once (`hash IN (...)`): for
+///   every stored hash, the source positions of its stored rows (normally
+///   one; a second until a merge when two writers raced). The dedup stage
+///   tells a redelivery of the request that created an atom (its own
+///   position is there) from a repeat of the content (it is not).
 /// - `insert_atoms` is idempotent by content hash: a row whose hash is already
 ///   stored, or that repeats within the call, is not written twice. When it
 ///   returns `Ok` the rows are durable, and only then may their source offsets
 ///   be committed.
+/// - `arrival_outcomes` returns the recorded outcome of each given position
+///   that has an arrival row; `insert_arrivals` is idempotent by source
+///   position (at most one row per position under `FINAL`; the first written
+///   wins). An arrival row is written only after the atom it names is stored,
+///   so an arrival that says `created` always has its atom.
 pub trait AtomStore: Send + Sync + 'static {
-    fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>>;
+    fn find_atoms<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashMap<ContentHash, Vec<SourcePosition>>, StoreError>>;
     fn insert_atoms<'a>(&'a self, rows: &'a [AtomRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
+    fn arrival_outcomes<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, ArrivalOutcome>, StoreError>>;
+    fn insert_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
     /// Idempotent by (source_topic, source_partition, source_offset).
     fn insert_dead_letters<'a>(&'a self, rows: &'a [DeadLetterRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
+
+    /// The subset of `hashes` that is stored.
+    fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>> {
+        Box::pin(async move { Ok(self.find_atoms(hashes).await?.into_keys().collect()) })
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -11,6 +11,7 @@ use crate::clock::SharedClock;
 use crate::embed::Embedder;
 use crate::flow::Metrics;
 use crate::log::LogProducer;
+use crate::resilience::Breakers;
 use crate::store::AtomStore;
 
 /// Everything a topology talks to, each behind its trait, so the same wiring
@@ -23,6 +24,8 @@ pub struct Deps {
     pub embedder: Arc<dyn Embedder>,
     pub clock: SharedClock,
     pub metrics: Arc<Metrics>,
+    /// Every circuit breaker of the run (the topology registers its own here).
+    pub breakers: Breakers,
 }
 
 /// Topology declarations compiled into the binary, by name. The files in

@@ -106,8 +106,10 @@ pub struct HashSpec {}
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupSpec {
-    /// Hashes admitted recently and possibly not yet stored, remembered so a
-    /// duplicate in a later window that is still in flight is caught too.
+    /// Contents admitted recently and possibly not yet stored, remembered so
+    /// a repeat in a later window that is still in flight is matched too
+    /// (and answered with that content's fate). At least
+    /// `limits.in_flight_records`.
     pub recent_capacity: usize,
     pub retry: RetryConfig,
 }
@@ -256,7 +258,10 @@ impl TopologySpec {
             let settings = match stage {
                 StageSpec::Validate(v) if v.allowed_content_types.is_empty() => Err("allowed_content_types is empty; list at least one type, e.g. \"text/plain\"".to_string()),
                 StageSpec::Validate(v) if v.max_content_bytes == 0 => Err("max_content_bytes is 0; set the largest content you accept".to_string()),
-                StageSpec::Dedup(d) if d.recent_capacity == 0 => Err("recent_capacity is 0; use at least window.max_records".to_string()),
+                StageSpec::Dedup(d) if d.recent_capacity < self.limits.in_flight_records => Err(format!(
+                    "recent_capacity ({}) is below limits.in_flight_records ({}); a content still in flight could be forgotten and embedded twice. Raise it to at least {}",
+                    d.recent_capacity, self.limits.in_flight_records, self.limits.in_flight_records
+                )),
                 StageSpec::Dedup(d) => d.retry.check().map_err(|e| format!("retry: {e}")),
                 StageSpec::Embed(e) if e.concurrency == 0 => Err("concurrency is 0; use at least 1".to_string()),
                 StageSpec::Persist(p) => p.retry.check().map_err(|e| format!("retry: {e}")),
@@ -301,10 +306,10 @@ impl TopologySpec {
                 StageSpec::Decode(_) => format!("Confluent wire format (or JSON by content-type header) -> {}", self.source.schema),
                 StageSpec::Validate(v) => format!("allow {:?}, at most {} bytes, non-empty, UTF-8 for text", v.allowed_content_types, v.max_content_bytes),
                 StageSpec::Hash(_) => "SHA-256 of the content = atom identity".to_string(),
-                StageSpec::Dedup(d) => format!("skip duplicates: in window, in the last {} admitted, then in the store", d.recent_capacity),
+                StageSpec::Dedup(d) => format!("created or matched: against the store, then in window and the last {} admitted", d.recent_capacity),
                 StageSpec::Embed(e) => format!("batched embedding calls, {} in flight", e.concurrency),
-                StageSpec::Persist(_) => "idempotent insert into `atoms` (keyed by content hash)".to_string(),
-                StageSpec::Publish(p) => format!("-> {} ({})", p.topic, p.schema),
+                StageSpec::Persist(_) => "idempotent inserts: new atoms into `atoms` (by content hash), then every request into `atom_arrivals` (by position)".to_string(),
+                StageSpec::Publish(p) => format!("-> {} ({}): one event per accepted request, created or matched", p.topic, p.schema),
             };
             let _ = writeln!(s, "  {:>2}. {:<9} {}", i + 1, stage.name(), detail);
         }

@@ -103,3 +103,10 @@ pub async fn count(app: &Embedded, sql: &str) -> i64 {
     let col = batches[0].column(0);
     col.as_primitive::<arrow::datatypes::Int64Type>().value(0)
 }
+
+/// Runs a query on an embedded store and returns the single integer it yields.
+pub async fn count_embedded(store: &hartonomous::store::embedded::EmbeddedStore, sql: &str) -> i64 {
+    use arrow::array::AsArray;
+    let batches = store.query(sql).await.unwrap();
+    batches[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0)
+}

@@ -1,6 +1,6 @@
 //! Store rows for the store tests: deterministic atoms and dead letters.
 
-use hartonomous::atom::{AtomRow, ContentHash};
+use hartonomous::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash};
 use hartonomous::store::DeadLetterRow;
 
 /// 2023-11-14 22:13:20 UTC.
@@ -44,5 +44,23 @@ pub fn dead_letter(topic: &str, partition: i32, offset: i64) -> DeadLetterRow {
         // Even offsets have a key, odd ones none (which is not an empty key).
         original_key: if offset % 2 == 0 { Some(vec![1, 2, 3]) } else { None },
         original_payload: vec![0xde, 0xad, offset as u8, 0x00, 0xff],
+    }
+}
+
+/// The arrival of the request at `offset` of partition 0, for `content`.
+pub fn arrival(content: &str, offset: i64, outcome: ArrivalOutcome) -> ArrivalRow {
+    ArrivalRow {
+        source_topic: "atoms.requests".into(),
+        source_partition: 0,
+        source_offset: offset,
+        content_hash: ContentHash::of(content.as_bytes()),
+        outcome,
+        content_type: "text/plain".into(),
+        content_size: content.len() as u64,
+        source_system: "tests".into(),
+        correlation_id: format!("corr-{offset}"),
+        event_time_ms: T0_MS + offset,
+        arrived_at_ms: T0_MS + 1_000 + offset,
+        trace_id: format!("trace-{offset}"),
     }
 }

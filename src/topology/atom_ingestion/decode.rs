@@ -68,6 +68,13 @@ impl Decode {
     }
 }
 
+impl Decode {
+    /// The schema registry's breaker, for the runner's list of breakers.
+    pub fn breaker(&self) -> Arc<CircuitBreaker> {
+        self.resilient.breaker.clone()
+    }
+}
+
 /// Avro value → the typed request. Failing here means the value matched the
 /// schema but not our type, which only a schema/type mismatch can cause.
 pub fn to_request(value: &Value) -> Result<AtomIngestionRequest, Rejection> {

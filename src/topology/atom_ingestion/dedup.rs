@@ -1,16 +1,34 @@
-//! Stage 4: duplicates stop here, so a duplicate never costs an embedding call.
+//! Stage 4: decide what each request does to the store, before anything is
+//! embedded, so a repeat never costs an embedding call.
 //!
-//! Three checks, cheapest first: within the window; against hashes this
-//! process admitted recently (they may still be in flight, not yet stored);
-//! then one batched look-up in the store for the rest.
+//! Every request that reaches this stage is accepted and will be answered
+//! (an arrival row and an `AtomIngested` event); this stage decides the
+//! answer. One batched look-up asks the store which of the window's contents
+//! are stored, and where their rows came from. Then, per request:
+//!
+//! 1. **Content stored.** If this request's own arrival is recorded, its
+//!    recorded outcome stands (a redelivery after a crash answers as it did
+//!    before). Otherwise, if the stored atom's lineage is this request's own
+//!    position, this request created it before a crash and is answered
+//!    `created` again; else it is `matched` (`duplicate.in_store`).
+//! 2. **Content not stored.** The first request of the window with it is
+//!    `created`, unless this process admitted the content in an earlier
+//!    window that is still in flight (`duplicate.recent`); later ones in the
+//!    window are `matched` (`duplicate.in_window`).
+//!
+//! Rule 1 is what makes a crash harmless: a request whose atom was stored
+//! but whose event was not yet acknowledged is, after the restart, still the
+//! atom's creator, and its event is published then.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use super::hash::Hashed;
-use crate::atom::ContentHash;
-use crate::flow::{Item, Stage};
+use super::ledger::SharedLedger;
+use crate::atom::{ArrivalOutcome, SourcePosition};
+use crate::flow::{Item, Metrics, Stage};
 use crate::outcome::{Fatal, Outcome};
+use crate::record::Record;
 use crate::resilience::Resilient;
 use crate::store::AtomStore;
 
@@ -18,146 +36,98 @@ pub const IN_WINDOW: &str = "duplicate.in_window";
 pub const RECENT: &str = "duplicate.recent";
 pub const IN_STORE: &str = "duplicate.in_store";
 
-/// Hashes admitted recently, shared by the dedup stage (which adds them) and
-/// the later stages (which remove a hash when its record is dead-lettered, so
-/// that a later copy of that content is not skipped as a duplicate of a record
-/// that was never stored).
-pub type Recent = Arc<Mutex<RecentSet>>;
-
-/// A bounded set remembering the most recent insertions (FIFO eviction).
-#[derive(Debug)]
-pub struct RecentSet {
-    /// Hash → generation of its latest insertion, so a stale queue entry
-    /// never evicts a re-inserted hash.
-    set: HashMap<ContentHash, u64>,
-    order: VecDeque<(ContentHash, u64)>,
-    capacity: usize,
-    generation: u64,
+/// A request with its answer decided.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub hashed: Hashed,
+    pub outcome: ArrivalOutcome,
+    /// Why it matched (`duplicate.*`); `None` for `created`.
+    pub matched_by: Option<&'static str>,
+    /// The atom must still be embedded and stored (a new content).
+    pub store_atom: bool,
+    /// Its arrival row is stored already (a redelivery).
+    pub arrival_recorded: bool,
 }
 
-impl RecentSet {
-    pub fn new(capacity: usize) -> Self {
-        Self { set: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1), generation: 0 }
+impl Admitted {
+    /// A request whose content is new: it creates the atom.
+    pub fn created(hashed: Hashed) -> Self {
+        Self { hashed, outcome: ArrivalOutcome::Created, matched_by: None, store_atom: true, arrival_recorded: false }
     }
 
-    pub fn shared(capacity: usize) -> Recent {
-        Arc::new(Mutex::new(Self::new(capacity)))
-    }
-
-    pub fn contains(&self, h: &ContentHash) -> bool {
-        self.set.contains_key(h)
-    }
-
-    pub fn insert(&mut self, h: ContentHash) {
-        if self.set.contains_key(&h) {
-            return;
-        }
-        self.generation += 1;
-        self.set.insert(h, self.generation);
-        self.order.push_back((h, self.generation));
-        while self.set.len() > self.capacity {
-            let Some((old, generation)) = self.order.pop_front() else { break };
-            if self.set.get(&old) == Some(&generation) {
-                self.set.remove(&old);
-            }
-        }
-        // Entries of removed hashes linger in `order`; drop them once they dominate.
-        if self.order.len() > 2 * self.capacity {
-            let set = &self.set;
-            self.order.retain(|(h, g)| set.get(h) == Some(g));
-        }
-    }
-
-    pub fn remove(&mut self, h: &ContentHash) {
-        self.set.remove(h);
+    fn matched(mut self, by: &'static str) -> Self {
+        self.outcome = ArrivalOutcome::Matched;
+        self.matched_by = Some(by);
+        self.store_atom = false;
+        self
     }
 }
 
-/// Forgets `hash` after its record was dead-lettered by a later stage.
-pub fn forget(recent: &Option<Recent>, hash: &ContentHash) {
-    if let Some(r) = recent {
-        r.lock().unwrap().remove(hash);
-    }
+pub fn position(record: &Record) -> SourcePosition {
+    SourcePosition::new(&*record.position.tp.topic, record.position.tp.partition, record.position.offset)
 }
 
 pub struct Dedup {
     pub store: Arc<dyn AtomStore>,
-    pub recent: Recent,
+    pub ledger: SharedLedger,
     pub resilient: Resilient,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Stage for Dedup {
     type In = Hashed;
-    type Out = Hashed;
+    type Out = Admitted;
 
-    async fn process(&mut self, items: Vec<Item<Hashed>>) -> Result<Vec<Outcome<Hashed>>, Fatal> {
-        let mut seen = HashSet::with_capacity(items.len());
-        // None = still a candidate; Some = decided.
-        let mut verdicts: Vec<Option<&'static str>> = items
-            .iter()
-            .map(|i| {
-                let h = i.value.hash;
-                if !seen.insert(h) {
-                    Some(IN_WINDOW)
-                } else if self.recent.lock().unwrap().contains(&h) {
-                    Some(RECENT)
+    async fn process(&mut self, items: Vec<Item<Hashed>>) -> Result<Vec<Outcome<Admitted>>, Fatal> {
+        let mut distinct = HashSet::with_capacity(items.len());
+        let hashes: Vec<_> = items.iter().map(|i| i.value.hash).filter(|h| distinct.insert(*h)).collect();
+        let store = self.store.clone();
+        let stored = self
+            .resilient
+            .call(|| store.find_atoms(&hashes))
+            .await
+            .map_err(|e| Fatal::new("dedup", format!("store look-up failed: {e}")))?;
+        let asked: Vec<SourcePosition> = items.iter().filter(|i| stored.contains_key(&i.value.hash)).map(|i| position(&i.record)).collect();
+        let recorded: HashMap<SourcePosition, ArrivalOutcome> = if asked.is_empty() {
+            HashMap::new()
+        } else {
+            self.resilient
+                .call(|| store.arrival_outcomes(&asked))
+                .await
+                .map_err(|e| Fatal::new("dedup", format!("arrival look-up failed: {e}")))?
+        };
+
+        let mut ledger = self.ledger.lock().unwrap();
+        let mut first_in_window = HashSet::with_capacity(items.len());
+        let out = items
+            .into_iter()
+            .map(|item| {
+                let hash = item.value.hash;
+                let admitted = Admitted::created(item.value);
+                let decided = if let Some(lineage) = stored.get(&hash) {
+                    let me = position(&item.record);
+                    match recorded.get(&me) {
+                        Some(&outcome) => {
+                            let a = if outcome == ArrivalOutcome::Matched { admitted.matched(IN_STORE) } else { Admitted { store_atom: false, ..admitted } };
+                            Admitted { arrival_recorded: true, ..a }
+                        }
+                        None if lineage.contains(&me) => Admitted { store_atom: false, ..admitted },
+                        None => admitted.matched(IN_STORE),
+                    }
+                } else if !first_in_window.insert(hash) {
+                    admitted.matched(IN_WINDOW)
+                } else if ledger.is_admitted(&hash) {
+                    admitted.matched(RECENT)
                 } else {
-                    None
+                    ledger.admit(hash);
+                    admitted
+                };
+                if let Some(by) = decided.matched_by {
+                    self.metrics.matched(by);
                 }
+                Outcome::Continue(decided)
             })
             .collect();
-        let lookup: Vec<ContentHash> = items.iter().zip(&verdicts).filter(|(_, v)| v.is_none()).map(|(i, _)| i.value.hash).collect();
-        if !lookup.is_empty() {
-            let store = self.store.clone();
-            let stored = self
-                .resilient
-                .call(|| store.existing_hashes(&lookup))
-                .await
-                .map_err(|e| Fatal::new("dedup", format!("store look-up failed: {e}")))?;
-            for (item, v) in items.iter().zip(verdicts.iter_mut()) {
-                if v.is_none() && stored.contains(&item.value.hash) {
-                    *v = Some(IN_STORE);
-                }
-            }
-        }
-        Ok(items
-            .into_iter()
-            .zip(verdicts)
-            .map(|(item, v)| match v {
-                Some(reason) => Outcome::Skip(reason),
-                None => {
-                    self.recent.lock().unwrap().insert(item.value.hash);
-                    Outcome::Continue(item.value)
-                }
-            })
-            .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recent_set_is_bounded_and_evicts_oldest() {
-        let mut r = RecentSet::new(2);
-        let h = |b: u8| ContentHash([b; 32]);
-        r.insert(h(1));
-        r.insert(h(2));
-        r.insert(h(1));
-        r.insert(h(3));
-        assert!(!r.contains(&h(1)) && r.contains(&h(2)) && r.contains(&h(3)));
-    }
-
-    #[test]
-    fn a_removed_and_reinserted_hash_is_not_evicted_by_its_stale_entry() {
-        let mut r = RecentSet::new(2);
-        let h = |b: u8| ContentHash([b; 32]);
-        r.insert(h(1));
-        r.remove(&h(1));
-        r.insert(h(2));
-        r.insert(h(1));
-        r.insert(h(3));
-        assert!(r.contains(&h(1)) && r.contains(&h(3)) && !r.contains(&h(2)));
+        Ok(out)
     }
 }

@@ -1,21 +1,37 @@
 //! Stage 5: embed the content of new atoms, in calls of the model's
-//! `max_batch`, with `concurrency` calls in flight.
+//! `max_batch`, with `concurrency` calls in flight. Repeats (requests that
+//! matched a stored or admitted content) pass through without a call.
+//!
+//! An embedding service that is down is backpressure, never a dead letter:
+//! a call that fails as `Unavailable` (its own retries exhausted, or its
+//! breaker open) is tried again after a pause, for as long as it takes,
+//! while the window waits, the in-flight budget fills and the runner pauses
+//! the partitions. Only a service that refuses one input (`Rejected`)
+//! dead-letters that record.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::dedup::{Recent, forget};
-use super::hash::Hashed;
+use super::dedup::Admitted;
+use super::ledger::SharedLedger;
 use super::validate::is_text;
+use crate::clock::SharedClock;
 use crate::embed::{EmbedError, Embedder};
 use crate::flow::{Item, Metrics, Stage};
 use crate::outcome::{Fatal, Outcome, Rejection};
 
+/// The pause between two rounds of a call whose service is unavailable.
+/// The embedder's own retries and breaker pace the attempts within a round.
+const UNAVAILABLE_PAUSE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct Embedded {
-    pub hashed: Hashed,
-    /// Empty for content types that are not text (they are stored, not embedded).
+    pub admitted: Admitted,
+    /// Empty for content types that are not text (they are stored, not
+    /// embedded), and for repeats.
     pub embedding: Vec<f32>,
 }
 
@@ -24,50 +40,66 @@ pub struct Embed {
     pub embedder: Arc<dyn Embedder>,
     pub metrics: Arc<Metrics>,
     pub concurrency: usize,
-    /// The dedup stage's recent hashes, forgotten for records dead-lettered here.
-    pub recent: Option<Recent>,
+    pub clock: SharedClock,
+    pub ledger: Option<SharedLedger>,
+    /// Set while the service is failing, so an outage is logged once, not
+    /// once per call.
+    pub outage: Arc<AtomicBool>,
 }
 
 impl Embed {
     /// One call; a refused multi-text call is split so that only the texts the
     /// service refuses are dead-lettered.
     async fn call(&self, texts: Vec<String>) -> Result<Vec<Result<Vec<f32>, Rejection>>, Fatal> {
-        Metrics::add(&self.metrics.embedding_calls, 1);
-        match self.embedder.embed(&texts).await {
-            Ok(vectors) => {
-                Metrics::add(&self.metrics.embedded_texts, texts.len() as u64);
-                if vectors.len() != texts.len() {
-                    return Err(Fatal::new("embed", format!("model returned {} vectors for {} texts", vectors.len(), texts.len())));
+        loop {
+            Metrics::add(&self.metrics.embedding_calls, 1);
+            match self.embedder.embed(&texts).await {
+                Ok(vectors) => {
+                    if self.outage.swap(false, Ordering::AcqRel) {
+                        tracing::info!(model = self.embedder.model(), "embedding service answers again; resuming");
+                    }
+                    Metrics::add(&self.metrics.embedded_texts, texts.len() as u64);
+                    if vectors.len() != texts.len() {
+                        return Err(Fatal::new("embed", format!("model returned {} vectors for {} texts", vectors.len(), texts.len())));
+                    }
+                    return Ok(vectors.into_iter().map(Ok).collect());
                 }
-                Ok(vectors.into_iter().map(Ok).collect())
-            }
-            Err(EmbedError::Rejected { .. }) if texts.len() > 1 => {
-                let mut out = Vec::with_capacity(texts.len());
-                for t in texts {
-                    out.extend(Box::pin(self.call(vec![t])).await?);
+                Err(EmbedError::Rejected { .. }) if texts.len() > 1 => {
+                    let mut out = Vec::with_capacity(texts.len());
+                    for t in texts {
+                        out.extend(Box::pin(self.call(vec![t])).await?);
+                    }
+                    return Ok(out);
                 }
-                Ok(out)
+                Err(e @ EmbedError::Rejected { .. }) => return Ok(vec![Err(Rejection::new("embed.rejected", e.to_string()))]),
+                Err(EmbedError::Unavailable { message, attempts }) => {
+                    if !self.outage.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(
+                            model = self.embedder.model(),
+                            attempts,
+                            error = %message,
+                            "embedding service unavailable: holding the window and retrying until it answers (partitions pause while the budget is spent)"
+                        );
+                    }
+                    self.clock.sleep(UNAVAILABLE_PAUSE).await;
+                }
+                Err(e @ EmbedError::Misconfigured { .. }) => return Err(Fatal::new("embed", e.to_string())),
             }
-            Err(e @ EmbedError::Rejected { .. }) => Ok(vec![Err(Rejection::new("embed.rejected", e.to_string()))]),
-            Err(EmbedError::Unavailable { message, attempts }) => {
-                let r = Rejection::new("embed.unavailable", message).with_attempts(attempts);
-                Ok(texts.iter().map(|_| Err(r.clone())).collect())
-            }
-            Err(e @ EmbedError::Misconfigured { .. }) => Err(Fatal::new("embed", e.to_string())),
         }
     }
 }
 
 impl Stage for Embed {
-    type In = Hashed;
+    type In = Admitted;
     type Out = Embedded;
 
-    async fn process(&mut self, items: Vec<Item<Hashed>>) -> Result<Vec<Outcome<Embedded>>, Fatal> {
-        let text_idx: Vec<usize> = (0..items.len()).filter(|&i| is_text(&items[i].value.request.content_type)).collect();
+    async fn process(&mut self, items: Vec<Item<Admitted>>) -> Result<Vec<Outcome<Embedded>>, Fatal> {
+        let wanted = |a: &Admitted| a.store_atom && is_text(&a.hashed.request.content_type);
+        let text_idx: Vec<usize> = (0..items.len()).filter(|&i| wanted(&items[i].value)).collect();
         let chunk = self.embedder.max_batch().max(1);
         let calls: Vec<Vec<String>> = text_idx
             .chunks(chunk)
-            .map(|c| c.iter().map(|&i| String::from_utf8_lossy(&items[i].value.request.content).into_owned()).collect())
+            .map(|c| c.iter().map(|&i| String::from_utf8_lossy(&items[i].value.hashed.request.content).into_owned()).collect())
             .collect();
         let results: Vec<_> = futures::stream::iter(calls.into_iter().map(|texts| self.call(texts)))
             .buffered(self.concurrency.max(1))
@@ -85,10 +117,12 @@ impl Stage for Embed {
             .into_iter()
             .zip(vectors)
             .map(|(item, v)| match v {
-                None => Outcome::Continue(Embedded { hashed: item.value, embedding: Vec::new() }),
-                Some(Ok(embedding)) => Outcome::Continue(Embedded { hashed: item.value, embedding }),
+                None => Outcome::Continue(Embedded { admitted: item.value, embedding: Vec::new() }),
+                Some(Ok(embedding)) => Outcome::Continue(Embedded { admitted: item.value, embedding }),
                 Some(Err(r)) => {
-                    forget(&self.recent, &item.value.hash);
+                    if let Some(l) = &self.ledger {
+                        l.lock().unwrap().rejected(&item.value.hashed.hash, r.clone());
+                    }
                     Outcome::Invalid(r)
                 }
             })

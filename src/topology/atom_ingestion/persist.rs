@@ -1,11 +1,28 @@
-//! Stage 6: write the atoms, idempotently, with lineage.
+//! Stage 6: store the window's new atoms, then every request's arrival, each
+//! idempotently and with lineage, and hand the answers to publish.
+//!
+//! Order matters for what a crash may leave behind (see the dedup stage for
+//! how a redelivery reads it back):
+//! 1. atoms (only the window's new contents), acknowledged;
+//! 2. arrivals (every request not yet recorded), acknowledged;
+//! 3. the events, in the publish stage.
+//!
+//! So an arrival row always has its atom, and an event always has its
+//! arrival. A store outage is retried without limit: it holds the window and
+//! becomes backpressure. A row the store refuses (it can never be written)
+//! dead-letters its request, and so does every repeat in flight that matched
+//! that content: they answer with the same reason instead of claiming an
+//! atom that does not exist.
 
 use std::sync::Arc;
 
-use super::dedup::{Recent, forget};
+use super::dedup::{Admitted, IN_WINDOW, RECENT};
 use super::embed::Embedded;
-use crate::atom::AtomRow;
+use super::ledger::{Fate, SharedLedger};
+use super::validate::is_text;
+use crate::atom::{ArrivalOutcome, ArrivalRow, AtomIngested, AtomRow};
 use crate::clock::SharedClock;
+use crate::failpoint;
 use crate::flow::{Item, Metrics, Stage};
 use crate::outcome::{ErrorClass, Fatal, Outcome, Rejection};
 use crate::resilience::{Attempted, Resilient};
@@ -17,16 +34,16 @@ pub struct Persist {
     pub metrics: Arc<Metrics>,
     pub clock: SharedClock,
     pub embedding_model: String,
-    /// The dedup stage's recent hashes, forgotten for rows the store rejects.
-    pub recent: Option<Recent>,
+    pub embedding_dimension: usize,
+    pub ledger: Option<SharedLedger>,
 }
 
 impl Persist {
-    fn row(&self, item: &Item<Embedded>, now_ms: i64) -> AtomRow {
-        let req = &item.value.hashed.request;
+    fn atom_row(&self, item: &Item<Embedded>, now_ms: i64) -> AtomRow {
+        let req = &item.value.admitted.hashed.request;
         let pos = &item.record.position;
         AtomRow {
-            content_hash: item.value.hashed.hash,
+            content_hash: item.value.admitted.hashed.hash,
             content_type: req.content_type.clone(),
             content: req.content.clone(),
             source_system: req.source_system.clone(),
@@ -41,6 +58,85 @@ impl Persist {
             ingested_at_ms: now_ms,
             trace_id: trace_id(item.record.headers.get_str("traceparent")),
         }
+    }
+
+    fn arrival_row(item: &Item<Embedded>, now_ms: i64) -> ArrivalRow {
+        let a = &item.value.admitted;
+        let req = &a.hashed.request;
+        let pos = &item.record.position;
+        ArrivalRow {
+            source_topic: pos.tp.topic.to_string(),
+            source_partition: pos.tp.partition,
+            source_offset: pos.offset,
+            content_hash: a.hashed.hash,
+            outcome: a.outcome,
+            content_type: req.content_type.clone(),
+            content_size: req.content.len() as u64,
+            source_system: req.source_system.clone(),
+            correlation_id: req.correlation_id.clone(),
+            event_time_ms: req.created_at_ms.unwrap_or(item.record.event_time_ms),
+            arrived_at_ms: now_ms,
+            trace_id: trace_id(item.record.headers.get_str("traceparent")),
+        }
+    }
+
+    /// The answer published for one request.
+    fn event(&self, item: &Item<Embedded>, now_ms: i64) -> AtomIngested {
+        let a = &item.value.admitted;
+        let req = &a.hashed.request;
+        let pos = &item.record.position;
+        // A created atom's embedding: the one computed now, or, for a
+        // redelivery of its creator, the one this embedder stored before
+        // the crash (same model, same dimension).
+        let (model, dimension) = match a.outcome {
+            ArrivalOutcome::Created if !item.value.embedding.is_empty() => (self.embedding_model.clone(), item.value.embedding.len()),
+            ArrivalOutcome::Created if !a.store_atom && is_text(&req.content_type) => (self.embedding_model.clone(), self.embedding_dimension),
+            _ => (String::new(), 0),
+        };
+        AtomIngested {
+            content_hash: a.hashed.hash.to_hex(),
+            content_type: req.content_type.clone(),
+            content_size: req.content.len() as i64,
+            source_system: req.source_system.clone(),
+            correlation_id: req.correlation_id.clone(),
+            embedding_model: model,
+            embedding_dimension: dimension as i32,
+            source_topic: pos.tp.topic.to_string(),
+            source_partition: pos.tp.partition,
+            source_offset: pos.offset,
+            ingested_at_ms: now_ms,
+            outcome: a.outcome,
+        }
+    }
+
+    /// Stores the new atoms; `Err` is fatal, per-row refusals come back as
+    /// `Some(rejection)` at that row's index.
+    async fn store_atoms(&self, rows: Vec<(usize, AtomRow)>, verdicts: &mut [Option<Rejection>]) -> Result<(), Fatal> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let all: Vec<AtomRow> = rows.iter().map(|(_, r)| r.clone()).collect();
+        match self.resilient.call(|| store.insert_atoms(&all)).await {
+            Ok(report) => {
+                Metrics::add(&self.metrics.atoms_stored, report.inserted as u64);
+                return Ok(());
+            }
+            Err(Attempted::Rejected { class: ErrorClass::Invalid, .. }) => {}
+            Err(e) => return Err(Fatal::new("persist", e.to_string())),
+        }
+        // One bad row fails the whole insert: write row by row to isolate it.
+        for (i, row) in rows {
+            let one = std::slice::from_ref(&row);
+            match self.resilient.call(|| store.insert_atoms(one)).await {
+                Ok(report) => Metrics::add(&self.metrics.atoms_stored, report.inserted as u64),
+                Err(Attempted::Rejected { error, class: ErrorClass::Invalid, attempts }) => {
+                    verdicts[i] = Some(Rejection::new("persist.rejected", error.to_string()).with_attempts(attempts));
+                }
+                Err(e) => return Err(Fatal::new("persist", e.to_string())),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -57,36 +153,65 @@ pub fn trace_id(traceparent: Option<&str>) -> String {
 
 impl Stage for Persist {
     type In = Embedded;
-    type Out = AtomRow;
+    type Out = AtomIngested;
 
-    async fn process(&mut self, items: Vec<Item<Embedded>>) -> Result<Vec<Outcome<AtomRow>>, Fatal> {
+    async fn process(&mut self, items: Vec<Item<Embedded>>) -> Result<Vec<Outcome<AtomIngested>>, Fatal> {
         let now = self.clock.now_ms();
-        let rows: Vec<AtomRow> = items.iter().map(|i| self.row(i, now)).collect();
-        let store = self.store.clone();
-        match self.resilient.call(|| store.insert_atoms(&rows)).await {
-            Ok(report) => {
-                Metrics::add(&self.metrics.atoms_stored, report.inserted as u64);
-                return Ok(rows.into_iter().map(Outcome::Continue).collect());
+        let mut verdicts: Vec<Option<Rejection>> = vec![None; items.len()];
+
+        // 1. The new atoms.
+        let rows: Vec<(usize, AtomRow)> =
+            items.iter().enumerate().filter(|(_, i)| i.value.admitted.store_atom).map(|(n, i)| (n, self.atom_row(i, now))).collect();
+        let wrote_atoms = !rows.is_empty();
+        self.store_atoms(rows, &mut verdicts).await?;
+        if wrote_atoms {
+            failpoint::hit("persist.after_insert");
+        }
+        if let Some(ledger) = &self.ledger {
+            let mut ledger = ledger.lock().unwrap();
+            for (item, verdict) in items.iter().zip(verdicts.iter_mut()) {
+                let a: &Admitted = &item.value.admitted;
+                match verdict {
+                    Some(r) if a.store_atom => ledger.rejected(&a.hashed.hash, r.clone()),
+                    None if a.store_atom => ledger.stored(&a.hashed.hash),
+                    // A repeat of a content admitted in flight answers with that content's fate.
+                    None if matches!(a.matched_by, Some(IN_WINDOW | RECENT)) => {
+                        if let Some(Fate::Rejected(r)) = ledger.fate(&a.hashed.hash) {
+                            *verdict = Some(Rejection::new(
+                                r.code.clone(),
+                                format!("same content as an earlier request that was dead-lettered ({}); resend it once that is fixed", r.message),
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
             }
-            Err(Attempted::Rejected { class: ErrorClass::Invalid, .. }) => {}
-            Err(e) => return Err(Fatal::new("persist", e.to_string())),
         }
-        // One bad row fails the whole insert: write row by row to isolate it.
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let one = std::slice::from_ref(&row);
-            out.push(match self.resilient.call(|| store.insert_atoms(one)).await {
-                Ok(report) => {
-                    Metrics::add(&self.metrics.atoms_stored, report.inserted as u64);
-                    Outcome::Continue(row)
-                }
-                Err(Attempted::Rejected { error, class: ErrorClass::Invalid, attempts }) => {
-                    forget(&self.recent, &row.content_hash);
-                    Outcome::Invalid(Rejection::new("persist.rejected", error.to_string()).with_attempts(attempts))
-                }
-                Err(e) => return Err(Fatal::new("persist", e.to_string())),
-            });
+
+        // 2. Every answered request's arrival.
+        let arrivals: Vec<ArrivalRow> = items
+            .iter()
+            .zip(&verdicts)
+            .filter(|(i, v)| v.is_none() && !i.value.admitted.arrival_recorded)
+            .map(|(i, _)| Self::arrival_row(i, now))
+            .collect();
+        if !arrivals.is_empty() {
+            let store = self.store.clone();
+            match self.resilient.call(|| store.insert_arrivals(&arrivals)).await {
+                Ok(report) => Metrics::add(&self.metrics.arrivals_stored, report.inserted as u64),
+                Err(e) => return Err(Fatal::new("persist", format!("storing arrivals: {e}"))),
+            }
+            failpoint::hit("persist.after_arrivals");
         }
-        Ok(out)
+
+        // 3. The answers, for publish.
+        Ok(items
+            .iter()
+            .zip(verdicts)
+            .map(|(item, verdict)| match verdict {
+                Some(r) => Outcome::Invalid(r),
+                None => Outcome::Continue(self.event(item, now)),
+            })
+            .collect())
     }
 }

@@ -1,13 +1,18 @@
-//! Stage 7: announce each newly stored atom on the output topic
-//! (`AtomIngested`, Confluent wire format). The stage waits for the broker's
-//! acknowledgement, so a committed source offset always has its event.
-
+//! Stage 7: answer every accepted request on the output topic
+//! (`AtomIngested` v2, Confluent wire format): `created` for the request that
+//! stored an atom, `matched` for a repeat. The stage waits for the broker's
+//! acknowledgement of every event of the window before the window's offsets
+//! can be marked done, so a committed source offset always has its event.
+//! After a crash before that, the request is redelivered and the dedup stage
+//! decides the same answer again (see `dedup.rs`): an event may repeat, but
+//! none is lost.
 use std::sync::Arc;
 
 use apache_avro::Schema;
 
-use crate::atom::{AtomIngested, AtomRow};
+use crate::atom::AtomIngested;
 use crate::avro::{SchemaRegistry, Schemas, wire};
+use crate::failpoint;
 use crate::flow::{Item, Metrics, Stage};
 use crate::log::LogProducer;
 use crate::outcome::{ErrorClass, Fatal, Outcome, Rejection};
@@ -42,34 +47,18 @@ impl Publish {
         Ok(Self { producer, topic: topic.to_string(), schema, schema_id, resilient, metrics })
     }
 
-    pub fn event(row: &AtomRow) -> AtomIngested {
-        AtomIngested {
-            content_hash: row.content_hash.to_hex(),
-            content_type: row.content_type.clone(),
-            content_size: row.content.len() as i64,
-            source_system: row.source_system.clone(),
-            correlation_id: row.correlation_id.clone(),
-            embedding_model: row.embedding_model.clone(),
-            embedding_dimension: row.embedding.len() as i32,
-            source_topic: row.source_topic.clone(),
-            source_partition: row.source_partition,
-            source_offset: row.source_offset,
-            ingested_at_ms: row.ingested_at_ms,
-        }
-    }
-
-    fn encode(&self, row: &AtomRow) -> Result<Vec<u8>, String> {
-        let value = apache_avro::to_value(Self::event(row)).map_err(|e| e.to_string())?;
+    fn encode(&self, event: &AtomIngested) -> Result<Vec<u8>, String> {
+        let value = apache_avro::to_value(event).map_err(|e| e.to_string())?;
         let value = value.resolve(&self.schema).map_err(|e| e.to_string())?;
         wire::encode(self.schema_id, &self.schema, &value).map_err(|e| e.to_string())
     }
 }
 
 impl Stage for Publish {
-    type In = AtomRow;
+    type In = AtomIngested;
     type Out = ();
 
-    async fn process(&mut self, items: Vec<Item<AtomRow>>) -> Result<Vec<Outcome<()>>, Fatal> {
+    async fn process(&mut self, items: Vec<Item<AtomIngested>>) -> Result<Vec<Outcome<()>>, Fatal> {
         let mut sends = Vec::with_capacity(items.len());
         for item in &items {
             let payload = self.encode(&item.value).map_err(|e| Fatal::new("publish", format!("encoding AtomIngested: {e}")))?;
@@ -80,7 +69,7 @@ impl Stage for Publish {
             let out = OutgoingRecord {
                 topic: self.topic.clone(),
                 partition: None,
-                key: Some(item.value.content_hash.to_hex().into_bytes()),
+                key: Some(item.value.content_hash.clone().into_bytes()),
                 payload,
                 headers,
                 event_time_ms: Some(item.value.ingested_at_ms),
@@ -100,6 +89,9 @@ impl Stage for Publish {
                 }
                 Err(e) => return Err(Fatal::new("publish", e.to_string())),
             });
+        }
+        if !outcomes.is_empty() {
+            failpoint::hit("publish.after_ack");
         }
         Ok(outcomes)
     }

@@ -1,0 +1,57 @@
+//! Crash points for the fault tests: `HARTONOMOUS_FAILPOINT=<name>[@<n>]`
+//! makes the process abort (`std::process::abort`, as abrupt as `kill -9`:
+//! no destructor, no flush, no commit) the `n`-th time (default 1) it passes
+//! the named point. Only tests set the variable; when it is unset every
+//! [`hit`] is one relaxed atomic load.
+//!
+//! The points sit on the boundaries that decide what a crash may lose:
+//!
+//! | name | where |
+//! |---|---|
+//! | `persist.after_insert` | after the store acknowledged a window's atom insert, before its arrivals and events |
+//! | `persist.after_arrivals` | after the arrivals of a window are stored, before its events |
+//! | `publish.after_ack` | after the broker acknowledged a window's events, before the offsets are marked done |
+//! | `dead_letter.after_write` | after a window's dead letters are acknowledged, before its offsets are marked done |
+//! | `commit.before` | just before offsets are committed |
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The environment variable that arms a failpoint.
+pub const ENV: &str = "HARTONOMOUS_FAILPOINT";
+
+/// Every failpoint, so that a typo in a test fails loudly instead of never firing.
+pub const NAMES: &[&str] = &["persist.after_insert", "persist.after_arrivals", "publish.after_ack", "dead_letter.after_write", "commit.before"];
+
+struct Armed {
+    name: String,
+    at: u64,
+    seen: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let spec = std::env::var(ENV).ok()?;
+            let (name, at) = match spec.split_once('@') {
+                Some((n, k)) => (n.trim().to_string(), k.trim().parse().unwrap_or_else(|_| panic!("{ENV}={spec}: `{k}` is not a count"))),
+                None => (spec.trim().to_string(), 1),
+            };
+            assert!(NAMES.contains(&name.as_str()), "{ENV}={spec}: unknown failpoint `{name}`; known: {NAMES:?}");
+            Some(Armed { name, at, seen: AtomicU64::new(0) })
+        })
+        .as_ref()
+}
+
+/// Aborts the process if `name` is armed and this is the armed pass.
+pub fn hit(name: &'static str) {
+    debug_assert!(NAMES.contains(&name), "unlisted failpoint {name}");
+    if let Some(a) = armed()
+        && a.name == name
+        && a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at
+    {
+        eprintln!("failpoint {name} (pass {}): aborting", a.at);
+        std::process::abort();
+    }
+}
