@@ -104,14 +104,22 @@ fn main() -> ExitCode {
     }
 }
 
-/// Completes on SIGINT or SIGTERM: the run then drains and commits.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Completes on SIGINT or SIGTERM: the run then drains and commits. The
+/// handlers are installed when this is called, not when the future is first
+/// polled, so a signal that arrives while the run is still connecting is not
+/// the default action (an immediate exit) but a request to stop as soon as
+/// the run starts.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("shutting down: draining in-flight records and committing");
     }
-    eprintln!("shutting down: draining in-flight records and committing");
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -149,7 +157,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("--input loads the embedded log; with Kafka, write the records with `hartonomous produce` and run without --input")
                 }
                 (None, LogProfile::Kafka(_)) => {
-                    let summary = hartonomous::app::run_kafka(&profile, &spec, shutdown_signal()).await?;
+                    let shutdown = shutdown_signal();
+                    let summary = hartonomous::app::run_kafka(&profile, &spec, shutdown).await?;
                     println!("{}", summary.render());
                 }
                 (None, LogProfile::Embedded(_)) => anyhow::bail!("the embedded log starts empty: pass --input FILE, or use a Kafka profile with --connectors"),

@@ -620,14 +620,14 @@ async fn twenty_kill_dash_nines_under_continuous_load_lose_nothing() {
     finish_and_check(&s, &w.expected, "last", "20 kill -9").await;
 }
 
-/// Aborts at one crash point (`src/failpoint.rs`), restarts, and checks.
-async fn abort_at(point: &str) {
+/// Aborts at one crash point (`src/failpoint.rs`) the `pass`-th time it is
+/// reached, restarts, and checks that the restart repeated what was lost.
+async fn abort_at(point: &str, pass: u32) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let s = Setup::new("abort", 3, |t| t.replace("max_records = 500", "max_records = 200")).await;
     let w = Workload::new("abort", 1_500, 300, 30);
     s.produce(&w.inputs).await;
-    // The third time it passes the point, so earlier windows committed.
-    let armed = format!("{point}@3");
+    let armed = format!("{point}@{pass}");
     let mut child = s.spawn("armed", &[(hartonomous::failpoint::ENV, &armed)]);
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
@@ -645,27 +645,28 @@ async fn abort_at(point: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_after_the_store_insert_is_acknowledged() {
-    abort_at("persist.after_insert").await;
+    abort_at("persist.after_insert", 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_after_the_arrivals_are_stored() {
-    abort_at("persist.after_arrivals").await;
+    abort_at("persist.after_arrivals", 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_after_the_events_are_acknowledged() {
-    abort_at("publish.after_ack").await;
+    abort_at("publish.after_ack", 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_after_a_dead_letter_is_written() {
-    abort_at("dead_letter.after_write").await;
+    abort_at("dead_letter.after_write", 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_just_before_a_commit() {
-    abort_at("commit.before").await;
+    // The first commit: everything the process did is repeated.
+    abort_at("commit.before", 1).await;
 }
 
 /// An outage of `service` for `down` while records keep arriving: the
