@@ -236,6 +236,41 @@ async fn a_rebuild_interrupted_after_its_rename_completes_on_the_next_migrate() 
     assert_eq!(store.query_scalar_u64("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour").await.unwrap(), 25, "the view was rebuilt and fed");
 }
 
+/// Several instances started together after a deploy all migrate: the lock
+/// lets one run the rebuild of 005 while the others wait, so no schedule
+/// can rename `atoms` away twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_of_an_old_database_are_serialized() {
+    let db = TestDb::new().await;
+    migrate_by_hand_up_to(&db, "003_atoms_per_source_hour.sql").await;
+    old_atoms(&db, &atoms("before the deploy", 50)).await;
+    let config = ClickHouseConfig { migrate_on_start: false, ..db.config() };
+    let stores: Vec<ClickHouseStore> = futures::future::join_all((0..4).map(|_| ClickHouseStore::connect(config.clone()))).await.into_iter().map(Result::unwrap).collect();
+    let results = futures::future::join_all(stores.iter().map(|s| s.migrate())).await;
+    let mut applied = Vec::new();
+    for r in results {
+        applied.extend(r.expect("every concurrent migrate succeeds"));
+    }
+    applied.sort();
+    assert_eq!(applied, vec!["004_atom_arrivals.sql".to_string(), "005_atoms_first_arrival_wins.sql".to_string()], "each file applied once");
+    let store = &stores[0];
+    assert_eq!(store.count_atoms_final().await.unwrap(), 50);
+    let left: Vec<String> = store.query_text("SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name FORMAT TabSeparated").await.unwrap().lines().map(str::to_string).collect();
+    assert_eq!(left, ["atom_arrivals", "atoms", "atoms_per_source_hour", "atoms_per_source_hour_mv", "dead_letters", "hartonomous_migrations"], "no lock or temporary table left");
+}
+
+#[tokio::test]
+async fn a_migration_lock_left_by_a_dead_process_is_taken_over() {
+    let db = TestDb::new().await;
+    http_post(&db.url, &format!("CREATE DATABASE IF NOT EXISTS {}", db.name)).unwrap();
+    // A holder whose last heartbeat is a minute old.
+    db.exec("CREATE TABLE hartonomous_migrate_lock ENGINE = Log AS SELECT 'dead-host-1' AS holder, toDateTime(now() - 60, 'UTC') AS at").await;
+    let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
+    let applied = store.migrate().await.unwrap();
+    assert_eq!(applied.len(), MIGRATIONS.len());
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name LIKE 'hartonomous_migrate_lock%'").await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn racing_writers_keep_the_lineage_of_the_first_arrival_whatever_lands_first() {
     let db = TestDb::new().await;

@@ -273,11 +273,19 @@ max_batch = 256
     /// Produces `inputs` in slices of `slice` records, `pause` apart, in the
     /// background: continuous load while the test kills and restarts.
     fn produce_continuously(&self, inputs: Vec<Input>, slice: usize, pause: Duration) -> tokio::task::JoinHandle<()> {
+        self.produce_counting(inputs, slice, pause, Default::default())
+    }
+
+    /// As [`produce_continuously`](Self::produce_continuously), counting in
+    /// `sent` the requests (not the malformed records) the broker acknowledged.
+    fn produce_counting(&self, inputs: Vec<Input>, slice: usize, pause: Duration, sent: std::sync::Arc<std::sync::atomic::AtomicU64>) -> tokio::task::JoinHandle<()> {
         let records = self.encode(&inputs);
+        let requests: Vec<bool> = inputs.iter().map(|i| matches!(i, Input::Request(_))).collect();
         tokio::spawn(async move {
             let producer = KafkaProducer::new(&kafka_config()).unwrap();
-            for chunk in records.chunks(slice) {
+            for (chunk, kinds) in records.chunks(slice).zip(requests.chunks(slice)) {
                 futures::future::try_join_all(chunk.iter().map(|r| producer.send(r.clone()))).await.unwrap();
+                sent.fetch_add(kinds.iter().filter(|k| **k).count() as u64, std::sync::atomic::Ordering::SeqCst);
                 tokio::time::sleep(pause).await;
             }
         })
@@ -590,33 +598,52 @@ async fn full_workflow_against_kafka_and_clickhouse() {
     assert_eq!(s.scalar("SELECT count() FROM atoms FINAL WHERE embedding_dimension = 64 AND length(embedding) = 64").await, w.expected.hashes.len() as u64);
 }
 
+/// A shorter group session (3 s instead of the profile's 6 s): a restart
+/// waits out its killed predecessor's session before it gets partitions.
+const SHORT_SESSION: &[(&str, &str)] = &[("HARTONOMOUS__LOG__SESSION_TIMEOUT_MS", "3000"), ("HARTONOMOUS__LOG__HEARTBEAT_INTERVAL_MS", "300")];
+
 /// 20 kill -9 at random moments while a producer keeps sending: after each
 /// restart the processor goes on from the committed offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_kill_dash_nines_under_continuous_load_lose_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = Setup::new("kill", 3, |t| t).await;
-    let w = Workload::new("kill", 8_000, 1_500, 120);
+    // Windows of 100 records: a burst takes a process many inserts, so a kill
+    // soon after its first one lands mid-burst.
+    let s = Setup::new("kill", 3, |t| t.replace("max_records = 500", "max_records = 100")).await;
+    let w = Workload::new("kill", 20_000, 2_000, 200);
     let mut rng = Rng::seeded();
-    // About 40 s of load: 9,620 records in slices of 250, a second apart.
-    let producer = s.produce_continuously(w.inputs.clone(), 250, Duration::from_millis(1000));
-    let mut progressed = 0;
-    for round in 0..20 {
+    // The load arrives in twenty bursts, one while each process starts, so
+    // every process has a backlog to work through while it is killed.
+    let slices: Vec<Vec<Input>> = w.inputs.chunks(w.inputs.len().div_ceil(20)).map(<[Input]>::to_vec).collect();
+    assert_eq!(slices.len(), 20);
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let total = w.expected.accepted.len() as u64;
+    let (mut progressed, mut mid_stream) = (0, 0);
+    for (round, slice) in slices.into_iter().enumerate() {
+        let producer = s.produce_counting(slice, 100, Duration::from_millis(100), sent.clone());
         let name = format!("p{round}");
-        let mut child = s.spawn(&name, &[]);
+        let mut child = s.spawn(&name, SHORT_SESSION);
         let before = s.arrivals_final().await;
-        // Half of the kills wait for progress of this process first; the
-        // others land anywhere, joining the group included.
-        if round % 2 == 0 {
+        // Most kills come right after this process stored something (so it
+        // is at work); every fifth lands anywhere, joining the group included.
+        if round % 5 != 4 {
             wait_for("progress before the kill", Duration::from_secs(90), || async { s.arrivals_final().await > before }).await;
             progressed += 1;
+            tokio::time::sleep(Duration::from_millis(rng.below(500))).await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(rng.below(4_000))).await;
         }
-        tokio::time::sleep(Duration::from_millis(rng.below(2_500))).await;
         kill9(&mut child);
-        step(&format!("kill {round}: {} arrivals, {} atoms", s.arrivals_final().await, s.atoms_final().await));
+        producer.await.unwrap();
+        let arrivals = s.arrivals_final().await;
+        let produced = sent.load(std::sync::atomic::Ordering::SeqCst);
+        if arrivals < produced {
+            mid_stream += 1;
+        }
+        step(&format!("kill {round}: {arrivals} arrivals of {produced} produced ({total} in all), {} atoms", s.atoms_final().await));
     }
-    producer.await.unwrap();
-    assert_eq!(progressed, 10);
+    assert_eq!(progressed, 16);
+    assert!(mid_stream >= 15, "only {mid_stream} of 20 kills landed while produced work was outstanding");
     finish_and_check(&s, &w.expected, "last", "20 kill -9").await;
 }
 

