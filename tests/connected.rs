@@ -182,6 +182,11 @@ impl Setup {
 
     /// As `new`, with the processor on a Confluent-compatible registry at `confluent`.
     async fn with_registry(name: &str, partitions: i32, edit: impl Fn(String) -> String, confluent: Option<String>) -> Self {
+        Self::with(name, partitions, edit, confluent, None).await
+    }
+
+    /// As `with_registry`, with `embedder` as the profile's `[embedder]` section.
+    async fn with(name: &str, partitions: i32, edit: impl Fn(String) -> String, confluent: Option<String>, embedder: Option<String>) -> Self {
         require_services();
         let dir = tempfile::tempdir().unwrap();
         let id = unique(name).replace('-', "_");
@@ -216,10 +221,9 @@ request_timeout_ms = 10000
 {registry}
 
 [embedder]
-kind = "hashing"
-dimension = 64
-max_batch = 256
+{embedder}
 "#,
+                embedder = embedder.unwrap_or_else(|| "kind = \"hashing\"\ndimension = 64\nmax_batch = 256".into()),
                 data = dir.path().join("data").display(),
                 kafka = kafka_addr(),
                 ch = clickhouse_url(),
@@ -1066,4 +1070,127 @@ async fn a_standard_confluent_producer_feeds_the_processor_through_repeated_kill
     let log = std::fs::read_to_string(work.path().join("producer.log")).unwrap();
     assert!(status.success() && log.contains(&format!("produced {}", w.inputs.len())), "the Confluent producer failed ({status}):\n{log}");
     finish_and_check(&s, &w.expected, "last", "a standard Confluent producer, 8 kill -9").await;
+}
+
+
+/// An OpenAI-compatible embeddings service (an edge we do not own) that the
+/// test can take down: while `down`, every request gets HTTP 503.
+struct FakeEmbeddings {
+    url: String,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FakeEmbeddings {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (d, n) = (down.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut stream) = conn else { continue };
+                let (d, n) = (d.clone(), n.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut length = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h.trim().is_empty() {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        n.fetch_add(1, Ordering::SeqCst);
+                        let (status, answer) = if d.load(Ordering::SeqCst) {
+                            ("503 Service Unavailable", r#"{"error":"down for maintenance"}"#.to_string())
+                        } else {
+                            let request: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            let data: Vec<serde_json::Value> = request["input"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .enumerate()
+                                .map(|(i, t)| {
+                                    let seed = ContentHash::of(t.as_str().unwrap().as_bytes()).0;
+                                    let v: Vec<f32> = (0..64).map(|k| f32::from(seed[k % 32]) / 255.0 - 0.5).collect();
+                                    serde_json::json!({"index": i, "embedding": v})
+                                })
+                                .collect();
+                            ("200 OK", serde_json::json!({"data": data, "model": "fake-embedder"}).to_string())
+                        };
+                        let reply = format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}", answer.len());
+                        if stream.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { url, down, requests }
+    }
+}
+
+/// The embedding service down for 20 s mid-stream: an outage is
+/// backpressure, never a dead letter. Nothing is dead-lettered but the
+/// malformed records, every atom is stored with its embedding once the
+/// service is back, and the log says so once, not once per record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedding_service_down_for_20_s_mid_stream_dead_letters_nothing() {
+    use std::sync::atomic::Ordering;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fake = FakeEmbeddings::start();
+    let embedder = format!(
+        "kind = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake-embedder\"\ndimension = 64\nmax_batch = 64\n\n\
+         [embedder.retry]\nmax_attempts = 3\ninitial_backoff_ms = 100\nmax_backoff_ms = 500\nattempt_timeout_ms = 2000\n\n\
+         [embedder.breaker]\nfailure_threshold = 3\nopen_ms = 2000",
+        fake.url
+    );
+    let s = Setup::with("embed_outage", 3, |t| t.replace("in_flight_records = 20000", "in_flight_records = 2000"), None, Some(embedder)).await;
+    let w = Workload::new("embed_outage", 4_000, 400, 30);
+    let (first, second) = w.inputs.split_at(w.inputs.len() / 4);
+    s.produce(first).await;
+    let mut child = s.spawn("p", &[]);
+    wait_for("the first atoms", Duration::from_secs(90), || async { s.atoms_final().await > 0 }).await;
+    fake.down.store(true, Ordering::SeqCst);
+    step("embedding service down");
+    let producer = s.produce_continuously(second.to_vec(), 200, Duration::from_millis(250));
+    let during = fake.requests.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the processor must survive the outage:\n{}", s.tail("p"));
+    let tried = fake.requests.load(Ordering::SeqCst) - during;
+    fake.down.store(false, Ordering::SeqCst);
+    step(&format!("embedding service back ({tried} requests refused meanwhile)"));
+    producer.await.unwrap();
+    wait_for("everything stored after the outage", Duration::from_secs(240), || s.stored_everything(&w.expected)).await;
+    let status = terminate(&mut child);
+    assert!(status.success(), "{}", s.tail("p"));
+    let out = s.outputs(&w.expected).await;
+    out.check(&w.expected, "embedding outage");
+    // Nothing but the malformed records went to the dead-letter topic (check
+    // compares them by key), and every atom has its embedding.
+    assert!(out.letters.iter().all(|r| !r.headers.get_str(dead_letter::H_REASON).unwrap().starts_with("embed")));
+    assert_eq!(s.scalar("SELECT count() FROM atoms FINAL WHERE length(embedding) = 64 AND embedding_model = 'fake-embedder'").await, w.expected.hashes.len() as u64);
+    assert!(tried > 0, "the processor did try the service during the outage");
+    let log = s.log("p");
+    assert_eq!(log.matches("embedding service unavailable").count(), 1, "one warning for the outage, not one per record:\n{}", s.tail("p"));
+    assert!(log.contains("embedding service answers again"), "{}", s.tail("p"));
+    assert!(log.contains("while a circuit breaker is open"), "partitions paused for the open breaker:\n{}", s.tail("p"));
 }
