@@ -79,6 +79,9 @@ impl Stage for Dedup {
     type Out = Admitted;
 
     async fn process(&mut self, items: Vec<Item<Hashed>>) -> Result<Vec<Outcome<Admitted>>, Fatal> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut distinct = HashSet::with_capacity(items.len());
         let hashes: Vec<_> = items.iter().map(|i| i.value.hash).filter(|h| distinct.insert(*h)).collect();
         let store = self.store.clone();
