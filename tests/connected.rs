@@ -304,7 +304,7 @@ request_timeout_ms = 10000
         })
     }
 
-    fn spawn(&self, name: &str, env: &[(&str, &str)]) -> Child {
+    fn spawn(&self, name: &str, env: &[(&str, &str)]) -> Proc {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hartonomous"));
         cmd.args(["--connectors", self.profile.to_str().unwrap(), "run", "--topology-file", self.topology.to_str().unwrap()])
@@ -315,7 +315,7 @@ request_timeout_ms = 10000
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.spawn().unwrap()
+        Proc(cmd.spawn().unwrap())
     }
 
     fn log(&self, name: &str) -> String {
@@ -437,6 +437,32 @@ request_timeout_ms = 10000
             dead_letters_final: self.scalar("SELECT count() FROM dead_letters FINAL").await,
             events,
             letters,
+        }
+    }
+}
+
+/// A processor started by a test; killed with -9 when dropped, so a test
+/// that fails half way leaves no process running behind it.
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
 }
