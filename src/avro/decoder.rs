@@ -14,14 +14,24 @@
 //!    map or union) is left to apache-avro's resolution.
 //! 2. **Bounded depth.** apache-avro decodes recursively with large frames
 //!    ([`super::depth`] has the numbers). A writer schema whose data nests at
-//!    most [`INLINE_DEPTH`] levels (records, arrays, maps) is decoded
-//!    directly. For any other (recursive, or merely deep) the body is first
+//!    most [`INLINE_DEPTH`] levels (records, arrays, maps) and has no arrays
+//!    or maps is decoded directly. For any other (recursive, deep, or with
+//!    collections, see 3) the body is first
 //!    walked with a depth limit: data nesting deeper than [`MAX_DEPTH`] is
 //!    [`WireError::TooDeep`] (`decode.too_deep`) instead of a stack overflow
 //!    that would abort the process; data that passes is decoded directly if
 //!    it turned out shallow, else on a thread with a [`DECODE_STACK_BYTES`]
 //!    stack (a thread per such record: recursive schemas are rare, and
 //!    deep data rarer).
+//! 3. **Bounded items.** An array or map block claims its item count in a
+//!    varint, and an item may take no bytes (`null`, an empty record).
+//!    apache-avro caps each collection at
+//!    [`MAX_ALLOCATION_BYTES`](super::wire::MAX_ALLOCATION_BYTES) of values
+//!    but not their sum: under a writer with an array of arrays of `null`s,
+//!    a 349-byte body asked for 60 × 64 MiB and aborted the process. The
+//!    walk counts the items of the whole body against one budget
+//!    ([`super::depth::item_budget`]), so a schema with arrays or maps is
+//!    always walked first; the walk reads, it allocates nothing.
 //!
 //! Then apache-avro decodes the body with the writer schema and resolves it
 //! to the reader ([`super::wire::decode`]).
@@ -118,16 +128,17 @@ struct Plan {
 }
 
 enum Route {
-    /// The schema bounds the data to [`INLINE_DEPTH`]: decode directly.
+    /// The schema bounds the data to [`INLINE_DEPTH`] levels and has no
+    /// arrays or maps: decode directly.
     Inline,
-    /// Recursive or deep: walk each body first.
+    /// Recursive, deep, or with arrays or maps: walk each body first.
     Walk(Walker),
 }
 
 impl Plan {
     fn new(id: u32, writer: Arc<Schema>, reader: &Schema) -> Self {
         let verdict = check_type(id, &writer, reader).and_then(|()| match Walker::new(&writer) {
-            Ok(walker) if walker.static_depth().is_some_and(|d| d <= INLINE_DEPTH) => Ok(Route::Inline),
+            Ok(walker) if walker.static_depth().is_some_and(|d| d <= INLINE_DEPTH) && !walker.has_collections() => Ok(Route::Inline),
             Ok(walker) => Ok(Route::Walk(walker)),
             Err(e) => Err(WireError::UnusableSchema {
                 id,
@@ -373,6 +384,56 @@ mod tests {
             depth += 1;
         }
         assert_eq!((depth, v), (LEVELS, &Value::Long(5)));
+    }
+
+    /// The v2 request plus `grid`, an array of arrays of `null`s: each inner
+    /// array claims a full allocation's worth of values (apache-avro's cap
+    /// per collection) in a few bytes. The walk's item budget is spent
+    /// across the body, so the second one is refused before anything is
+    /// allocated. (Decoded directly, 60 of them in 349 bytes asked for
+    /// 3.8 GB and aborted the process.)
+    #[test]
+    fn collections_of_empty_items_cannot_add_up_past_the_allocation_cap() {
+        let mut json: serde_json::Value = serde_json::from_str(Schemas::current(ATOM_INGESTION_REQUEST).unwrap().source).unwrap();
+        json["fields"].as_array_mut().unwrap().push(serde_json::json!({
+            "name": "grid", "type": {"type": "array", "items": {"type": "array", "items": "null"}}
+        }));
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(FileRegistry::open(dir.path().join("r.json")).unwrap());
+        let id = registry.register_schema("t-value", &parse(&json.to_string())).unwrap();
+        let decoder = Decoder::new(registry, reader());
+        let grid = |inner: &[u64]| {
+            // The v2 fields (`level` without the `next` branch), then the grid.
+            let mut body = level(false);
+            body.pop();
+            body.extend(zigzag(inner.len() as u64));
+            for &n in inner {
+                if n > 0 {
+                    body.extend(zigzag(n));
+                }
+                body.push(0);
+            }
+            body.push(0);
+            wire::frame(id, &body)
+        };
+        let (_, value) = block_on(decoder.decode(&grid(&[1000, 0, 3]))).unwrap();
+        assert!(value.validate(&reader()), "a modest grid decodes; the reader drops it");
+        let full = (wire::MAX_ALLOCATION_BYTES / std::mem::size_of::<Value>()) as u64;
+        let err = block_on(decoder.decode(&grid(&[full, full]))).unwrap_err();
+        assert!(matches!(&err, DecodeError::Invalid(WireError::Body(m)) if m.contains("more than")), "{err:?}");
+        assert_eq!(err.code(), "decode.body");
+    }
+
+    /// Avro long encoding of a non-negative `n`.
+    fn zigzag(n: u64) -> Vec<u8> {
+        let mut z = n << 1;
+        let mut out = Vec::new();
+        while z >= 0x80 {
+            out.push((z as u8 & 0x7f) | 0x80);
+            z >>= 7;
+        }
+        out.push(z as u8);
+        out
     }
 
     /// A registry that counts look-ups.

@@ -22,7 +22,8 @@
 //! (named types are shared, so a recursive schema is a cycle), tells
 //! whether the schema is recursive ([`Walker::is_recursive`]) and, if not,
 //! how deep its data can nest ([`Walker::static_depth`]). Data of a schema
-//! bounded to [`INLINE_DEPTH`] levels needs no walk. For any other,
+//! bounded to [`INLINE_DEPTH`] levels and without arrays or maps
+//! ([`Walker::has_collections`]) needs no walk. For any other,
 //! [`Walker::walk`] reads the body against the schema with an explicit depth
 //! counter, consuming exactly what a decoder would, and fails with
 //! [`WalkError::TooDeep`] as soon as the data nests deeper than
@@ -153,6 +154,15 @@ impl Walker {
     /// `None` if it is recursive and so has no bound.
     pub fn static_depth(&self) -> Option<usize> {
         (!self.recursive).then_some(self.depth)
+    }
+
+    /// Whether data of the schema can hold arrays or maps. A block count
+    /// claims many items in a few bytes and an item may take none (`null`,
+    /// an empty record), and apache-avro caps each collection at
+    /// [`MAX_ALLOCATION_BYTES`] but not their sum: only the walk, which
+    /// counts every item of a body against one [`item_budget`], bounds it.
+    pub fn has_collections(&self) -> bool {
+        self.nodes.iter().any(|n| matches!(n, Node::Array(_) | Node::Map(_)))
     }
 
     /// Reads one datum from the start of `body` against the schema, nesting
@@ -613,6 +623,20 @@ mod tests {
         );
         assert_eq!(reuse.static_depth(), Some(4), "R > map > I > array");
         assert_eq!(walker(NODE).static_depth(), None);
+    }
+
+    #[test]
+    fn collections_are_found_wherever_they_are() {
+        assert!(!walker(r#""string""#).has_collections());
+        assert!(!walker(NODE).has_collections());
+        assert!(
+            walker(r#"{"type":"record","name":"R","fields":[{"name":"u","type":["null",{"type":"array","items":"null"}]}]}"#)
+                .has_collections()
+        );
+        assert!(
+            walker(crate::avro::Schemas::current(crate::avro::ATOM_INGESTION_REQUEST).unwrap().source).has_collections(),
+            "its metadata map"
+        );
     }
 
     #[test]

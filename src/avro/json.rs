@@ -480,16 +480,26 @@ impl<'s> Converter<'_, 's> {
 
     fn decimal(&self, json: &Json, d: &DecimalSchema, path: &str) -> Result<Value, JsonError> {
         let value = big_decimal(json, path, "decimal")?;
-        let scale = i64::try_from(d.scale).unwrap_or(i64::MAX);
-        let scaled = value.with_scale(scale);
-        if scaled != value {
-            return fail(path, format!("{value} has more than {} decimal places", d.scale));
+        // Decide from the digits and the exponent before rescaling: rescaling
+        // computes 10^(scale difference), and the exponent comes from the
+        // input ("1e999999999999" is a valid decimal), so a hostile one would
+        // make that power gigabytes long (found by the `json_bridge` fuzz
+        // target). Without trailing zeros a value is `digits × 10^-exponent`:
+        // it fits `scale` only if `exponent <= scale`, and then takes
+        // `digits + scale - exponent` digits.
+        let normal = value.normalized();
+        if normal != BigDecimal::from(0) {
+            let (_, exponent) = normal.as_bigint_and_exponent();
+            let (exponent, scale) = (i128::from(exponent), i128::try_from(d.scale).unwrap_or(i128::MAX));
+            if exponent > scale {
+                return fail(path, format!("{value} has more than {} decimal places", d.scale));
+            }
+            if i128::from(normal.digits()) + (scale - exponent) > i128::try_from(d.precision).unwrap_or(i128::MAX) {
+                return fail(path, format!("{value} has more than {} significant digits", d.precision));
+            }
         }
-        let (unscaled, _) = scaled.as_bigint_and_exponent();
-        let digits = unscaled.to_string().trim_start_matches('-').len();
-        if digits > d.precision {
-            return fail(path, format!("{value} has more than {} significant digits", d.precision));
-        }
+        // At most `precision` digits now.
+        let (unscaled, _) = normal.with_scale(i64::try_from(d.scale).unwrap_or(i64::MAX)).into_bigint_and_exponent();
         let mut bytes = unscaled.to_signed_bytes_be();
         // apache-avro checks, when resolving a decoded decimal, that its byte
         // length could hold any value of the schema's precision; so write as
@@ -878,6 +888,19 @@ mod tests {
         let mut bad = json.clone();
         bad["amount"] = json!("100000");
         assert_eq!(schema_err(bad, &schema), "$.amount: 100000 has more than 6 significant digits");
+        // Exponents far out either way are refused from the digit count,
+        // without computing the power of ten (which would take gigabytes).
+        let mut bad = json.clone();
+        bad["amount"] = json!("1e999999999999");
+        assert_eq!(schema_err(bad, &schema), "$.amount: 1e+999999999999 has more than 6 significant digits");
+        let mut bad = json.clone();
+        bad["amount"] = json!("-5E-3193557124355224006");
+        assert!(schema_err(bad, &schema).ends_with("has more than 2 decimal places"));
+        let mut ok = json.clone();
+        ok["amount"] = json!("0e999999999999");
+        assert!(json_to_avro(&ok, &schema).is_ok());
+        ok["amount"] = json!("1234.5000e0");
+        assert!(json_to_avro(&ok, &schema).is_ok(), "trailing zeros are not digits");
         let mut bad = json.clone();
         bad["id"] = json!("not-a-uuid");
         assert!(schema_err(bad, &schema).starts_with("$.id: invalid uuid \"not-a-uuid\""));

@@ -56,10 +56,11 @@ def nodes(levels):
     return long(1) * (levels - 1) + long(0)
 
 
-def wide_extras():
+def wide_extras(grid=long(2) + long(1) + long(0) + long(0) + long(0)):
+    """The writer-only fields of `wide`; `grid` defaults to [[null], []]."""
     return b"".join([
         long(3) + long(0),  # flags: three nulls
-        long(2) + long(1) + long(0) + long(0) + long(0),  # grid: [[null], []]
+        grid,
         long(1) + string("k") + long(2) + struct.pack("<dd", 0.5, -1.0) + long(0) + long(0),  # scores
         long(2),  # kind: C
         b"\x01\x02\x03\x04",  # digest
@@ -72,6 +73,14 @@ def wide_extras():
         string(b"\x00\x04\xd2"),  # amount: 12.34 in 3 bytes
         bytes(12),  # span
     ])
+
+
+def grid_past_the_cap():
+    """40 inner arrays of `null`s, each claiming all the values one
+    collection may hold (64 MiB / 56 bytes): 2.5 GB if decoded without the
+    walk's item budget (src/avro/decoder.rs, "Bounded items")."""
+    full = 64 * 1024 * 1024 // 56
+    return long(40) + (long(full) + long(0)) * 40 + long(0)
 
 
 def deep_extras():
@@ -102,6 +111,7 @@ def main():
     write(w, "recursive-20", bytes([RECURSIVE]) + request() + nodes(20))
     write(w, "recursive-too-deep", bytes([RECURSIVE]) + request() + nodes(80))
     write(w, "wide", bytes([WIDE]) + request() + wide_extras())
+    write(w, "wide-grid-past-the-cap", bytes([WIDE]) + request() + wide_extras(grid=grid_past_the_cap()))
     write(w, "deep", bytes([DEEP]) + request() + deep_extras())
     write(w, "wrong-type", bytes([WRONG_TYPE]) + request())
     write(w, "unknown-id", bytes([UNKNOWN]) + request())
@@ -142,6 +152,9 @@ def main():
         "dur": {"months": 1, "days": 2, "millis": 3},
     }).encode())
     write(j, "all-types-minimal", json.dumps({"dec": "0", "decf": "0", "big": "0", "dur": {}}).encode())
+    # Exponents that would make rescaling compute a power of ten gigabytes
+    # long (src/avro/json.rs, `decimal`; found by this target).
+    write(j, "decimal-huge-exponent", json.dumps({"dec": "5E3193557124355224006", "decf": "-1e-999999999999", "big": "0", "dur": {}}).encode())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@
 //!   where the walk says the body ends early apache-avro does not decode.
 //!   The walk may be stricter only where apache-avro is lenient with
 //!   malformed encodings (a 10th varint byte above 1, a negative block
-//!   size), listed in `LENIENT`.
+//!   size, items past the body's budget), listed in `LENIENT`; apache-avro
+//!   is not run on those bodies, since it may read on past that point to
+//!   any depth.
 #![no_main]
 
 use hartonomous::avro::depth::{INLINE_DEPTH, MAX_DEPTH, WalkError};
@@ -19,8 +21,10 @@ use hartonomous::avro::wire::{self, WireError};
 use hartonomous_fuzz::walker_schemas;
 use libfuzzer_sys::fuzz_target;
 
-/// Encodings the walk rejects and apache-avro 0.22 accepts.
-const LENIENT: &[&str] = &["varint overflows 64 bits", "negative block size"];
+/// What the walk refuses and apache-avro 0.22 reads on past: a 10th varint
+/// byte above 1, a negative block size, and more items in a body than one
+/// collection may hold (apache-avro checks each collection on its own).
+const LENIENT: &[&str] = &["varint overflows 64 bits", "negative block size", "more than this body can hold"];
 
 fuzz_target!(|data: &[u8]| {
     let schemas = walker_schemas();
@@ -42,10 +46,16 @@ fuzz_target!(|data: &[u8]| {
         Err(WalkError::Truncated | WalkError::Malformed(_)) => {}
     }
 
-    // Against apache-avro, only where its recursion is known to be shallow.
+    // Against apache-avro, only where its recursion is bounded: the walk got
+    // no deeper than INLINE_DEPTH and stopped where apache-avro stops too.
+    // Past what the walk refuses and apache-avro reads on (LENIENT), the
+    // data may nest to any depth (the project never decodes such a body: a
+    // body that fails the walk is rejected).
     let shallow = walker.walk(body, INLINE_DEPTH);
-    if matches!(shallow, Err(WalkError::TooDeep { .. })) {
-        return;
+    match &shallow {
+        Err(WalkError::TooDeep { .. }) => return,
+        Err(WalkError::Malformed(why)) if LENIENT.iter().any(|l| why.contains(l)) => return,
+        _ => {}
     }
     let decoded = wire::decode(schema, schema, body);
     match (&shallow, &decoded) {
@@ -60,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
             panic!("{what}: the walk ran out of input where apache-avro read a whole datum ({decoded:?})")
         }
         (Err(WalkError::Malformed(why)), Ok(_) | Err(WireError::TrailingBytes(_))) => {
-            assert!(LENIENT.iter().any(|l| why.contains(l)), "{what}: the walk rejected ({why}) what apache-avro reads ({decoded:?})")
+            panic!("{what}: the walk rejected ({why}) what apache-avro reads ({decoded:?})")
         }
         _ => {}
     }
