@@ -8,9 +8,11 @@
 //! archived in the store's `dead_letters` table, shaped like
 //! `schemas/avro/DeadLetter.v1.avsc`.
 
+use futures::future::BoxFuture;
+
 use crate::flow::batch::End;
 use crate::record::{OutgoingRecord, Record};
-use crate::store::DeadLetterRow;
+use crate::store::{InsertReport, StoreError};
 
 pub const H_TOPOLOGY: &str = "hartonomous.dlq.topology";
 pub const H_TOPIC: &str = "hartonomous.dlq.source.topic";
@@ -123,6 +125,35 @@ impl<'a> DeadLetter<'a> {
             original_payload: self.record.payload.clone(),
         }
     }
+}
+
+/// One record that went to a dead-letter topic, as archived for analysts
+/// (table `dead_letters`). Keyed by its source position, so re-archiving the
+/// same record is a no-op.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterRow {
+    pub topology: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub stage: String,
+    pub reason: String,
+    pub error: String,
+    pub attempts: u32,
+    pub failed_at_ms: i64,
+    pub original_key: Option<Vec<u8>>,
+    pub original_payload: Vec<u8>,
+}
+
+/// Where dead letters are archived for analysts (table `dead_letters`).
+/// Each store implements it; the runner's acker is its only caller, so the
+/// flow core needs no store contract.
+///
+/// Contract: idempotent by (source_topic, source_partition, source_offset);
+/// when it returns `Ok` the rows are durable, and only then may their source
+/// offsets be committed.
+pub trait DeadLetterArchive: Send + Sync + 'static {
+    fn insert_dead_letters<'a>(&'a self, rows: &'a [DeadLetterRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
 }
 
 /// Reads the provenance back from a record on a dead-letter topic.

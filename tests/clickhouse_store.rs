@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use hartonomous::atom::{AtomRow, ContentHash};
 use hartonomous::outcome::error_chain;
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore, MIGRATIONS, ServerVersion};
-use hartonomous::store::{AtomStore, InsertReport, StoreError};
+use hartonomous::store::{AtomStore, DeadLetterArchive, InsertReport, StoreError};
 use serde::Deserialize;
 
 mod common;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use hartonomous::atom::ContentHash;
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
-use hartonomous::store::{AtomStore, InsertReport, StoreError};
+use hartonomous::store::{AtomStore, DeadLetterArchive, InsertReport, StoreError};
 
 mod common;
 use common::rows::{atoms, dead_letter};

@@ -27,7 +27,7 @@ use hartonomous::log::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, ensure_
 use hartonomous::log::{LogConsumer, LogProducer, PollLimit};
 use hartonomous::record::{Headers, OutgoingRecord, Record};
 use hartonomous::store::embedded::EmbeddedStore;
-use hartonomous::store::{AtomStore, DeadLetterRow, InsertReport, StoreError};
+use hartonomous::store::{AtomStore, DeadLetterArchive, DeadLetterRow, InsertReport, StoreError};
 use hartonomous::topology::{self, Deps, spec::TopologySpec};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -91,6 +91,9 @@ impl AtomStore for GatedStore {
     fn insert_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
         self.inner.insert_arrivals(rows)
     }
+}
+
+impl DeadLetterArchive for GatedStore {
     fn insert_dead_letters<'a>(&'a self, rows: &'a [DeadLetterRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
         self.inner.insert_dead_letters(rows)
     }

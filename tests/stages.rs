@@ -16,7 +16,7 @@ use hartonomous::outcome::{Fatal, Outcome, Rejection};
 use hartonomous::record::{Headers, Position, Record, TopicPartition};
 use hartonomous::resilience::{BreakerConfig, CircuitBreaker, Resilient, RetryConfig};
 use hartonomous::store::embedded::EmbeddedStore;
-use hartonomous::store::{AtomStore, DeadLetterRow, InsertReport, StoreError};
+use hartonomous::store::{AtomStore, DeadLetterArchive, DeadLetterRow, InsertReport, StoreError};
 use hartonomous::topology::atom_ingestion::decode::{self, Decode};
 use hartonomous::topology::atom_ingestion::dedup::{self, Admitted, Dedup};
 use hartonomous::topology::atom_ingestion::embed::{Embed, Embedded};
@@ -1102,7 +1102,9 @@ impl AtomStore for FakeStore {
             }
         })
     }
+}
 
+impl DeadLetterArchive for FakeStore {
     fn insert_dead_letters<'a>(&'a self, rows: &'a [DeadLetterRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
         Box::pin(async move { Ok(InsertReport { inserted: rows.len(), already_present: 0 }) })
     }

@@ -19,12 +19,11 @@ use super::commit::OffsetTracker;
 use super::metrics::Metrics;
 use super::stage::StageContext;
 use super::window::{Window, WindowConfig};
-use crate::dead_letter::DeadLetter;
+use crate::dead_letter::{DeadLetter, DeadLetterArchive};
 use crate::log::{LogConsumer, LogError, LogProducer, PollLimit};
 use crate::outcome::{Classify, ErrorClass, Fatal};
 use crate::record::TopicPartition;
 use crate::resilience::{Attempted, BreakerConfig, Resilient, RetryConfig};
-use crate::store::AtomStore;
 
 /// The one place where in-flight capacity is set.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -113,7 +112,7 @@ struct Budget {
 pub struct DeadLetterSink {
     pub producer: Arc<dyn LogProducer>,
     /// Optional archive table (`dead_letters`) for analysts.
-    pub archive: Option<Arc<dyn AtomStore>>,
+    pub archive: Option<Arc<dyn DeadLetterArchive>>,
     pub retry: RetryConfig,
 }
 

@@ -57,7 +57,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use super::{AtomStore, DeadLetterRow, InsertReport, StoreError};
+use super::{AtomStore, DeadLetterArchive, DeadLetterRow, InsertReport, StoreError};
 use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use crate::outcome::ErrorClass;
 
@@ -1813,6 +1813,9 @@ impl AtomStore for ClickHouseStore {
         Box::pin(self.insert_atoms_impl(rows))
     }
 
+}
+
+impl DeadLetterArchive for ClickHouseStore {
     fn insert_dead_letters<'a>(&'a self, rows: &'a [DeadLetterRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
         Box::pin(self.insert_dead_letters_impl(rows))
     }

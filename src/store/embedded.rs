@@ -69,7 +69,7 @@ use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use super::{AtomStore, DeadLetterRow, InsertReport, StoreError};
+use super::{AtomStore, DeadLetterArchive, DeadLetterRow, InsertReport, StoreError};
 use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 
 /// Name of the atoms table (and of its directory under `<data_dir>/tables`).
@@ -1031,6 +1031,9 @@ impl AtomStore for EmbeddedStore {
         Box::pin(self.insert_atoms_impl(rows))
     }
 
+}
+
+impl DeadLetterArchive for EmbeddedStore {
     fn insert_dead_letters<'a>(&'a self, rows: &'a [DeadLetterRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
         Box::pin(self.insert_dead_letters_impl(rows))
     }

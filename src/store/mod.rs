@@ -12,23 +12,7 @@ use futures::future::BoxFuture;
 use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use crate::outcome::{Classify, ErrorClass};
 
-/// One record that went to a dead-letter topic, as archived for analysts
-/// (table `dead_letters`). Keyed by its source position, so re-archiving the
-/// same record is a no-op.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetterRow {
-    pub topology: String,
-    pub source_topic: String,
-    pub source_partition: i32,
-    pub source_offset: i64,
-    pub stage: String,
-    pub reason: String,
-    pub error: String,
-    pub attempts: u32,
-    pub failed_at_ms: i64,
-    pub original_key: Option<Vec<u8>>,
-    pub original_payload: Vec<u8>,
-}
+pub use crate::dead_letter::{DeadLetterArchive, DeadLetterRow};
 
 /// What an insert did. `inserted + already_present` equals the rows given.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,7 +21,8 @@ pub struct InsertReport {
     pub already_present: usize,
 }
 
-/// The atom store contract.
+/// The atom store contract. Every store also archives dead letters
+/// ([`DeadLetterArchive`]), so one connection serves both.
 ///
 /// - `find_atoms` answers for a whole window at once (`hash IN (...)`): for
 ///   every stored hash, the source positions of its stored rows (normally
@@ -53,13 +38,11 @@ pub struct InsertReport {
 ///   position (at most one row per position under `FINAL`; the first written
 ///   wins). An arrival row is written only after the atom it names is stored,
 ///   so an arrival that says `created` always has its atom.
-pub trait AtomStore: Send + Sync + 'static {
+pub trait AtomStore: DeadLetterArchive {
     fn find_atoms<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashMap<ContentHash, Vec<SourcePosition>>, StoreError>>;
     fn insert_atoms<'a>(&'a self, rows: &'a [AtomRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
     fn arrival_outcomes<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, ArrivalOutcome>, StoreError>>;
     fn insert_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
-    /// Idempotent by (source_topic, source_partition, source_offset).
-    fn insert_dead_letters<'a>(&'a self, rows: &'a [DeadLetterRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
 
     /// The subset of `hashes` that is stored.
     fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>> {

@@ -100,7 +100,7 @@ pub async fn run<C: LogConsumer>(
 
     let dlq = DeadLetterSink {
         producer: deps.producer.clone(),
-        archive: spec.dead_letter.archive.then(|| deps.store.clone()),
+        archive: spec.dead_letter.archive.then(|| deps.store.clone() as Arc<dyn crate::dead_letter::DeadLetterArchive>),
         retry: RetryConfig { max_attempts: 0, ..RetryConfig::default() },
     };
     let cfg = RunConfig {
