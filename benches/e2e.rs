@@ -25,13 +25,14 @@ use std::time::{Duration, Instant};
 
 use clickhouse::Row;
 use futures::StreamExt;
+use hartonomous::topology::atom_ingestion::counters;
 use hartonomous::avro::{self, FileRegistry, Schemas};
 use hartonomous::config::{EmbedderProfile, HashingProfile, LogProfile, Profile, RegistryProfile, StoreProfile};
 use hartonomous::log::LogProducer;
 use hartonomous::log::kafka::{KafkaConfig, KafkaProducer, ensure_topics};
 use hartonomous::record::OutgoingRecord;
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
-use hartonomous::topology::spec::{StageSpec, TopologySpec};
+use hartonomous::topology::spec::TopologySpec;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -216,7 +217,7 @@ async fn raw_insert(database: &str, n: usize) -> Duration {
 /// counting the group join, and the steady rate from the first stored atom.
 async fn topology(id: &str, variant: &str, topic: &str, registry: &Path, embed: bool, n: usize) -> (f64, f64) {
     let database = format!("{id}_{variant}");
-    let mut text = hartonomous::topology::BUNDLED[0].1.replace("\"atoms.ingest.dlq\"", &format!("\"{topic}.{variant}.dlq\"")).replace(
+    let mut text = hartonomous::topology::TOPOLOGIES[0].declaration().replace("\"atoms.ingest.dlq\"", &format!("\"{topic}.{variant}.dlq\"")).replace(
         "\"atoms.ingested\"",
         &format!("\"{topic}.{variant}.out\""),
     );
@@ -231,11 +232,11 @@ async fn topology(id: &str, variant: &str, topic: &str, registry: &Path, embed: 
     }
     spec.source.group = Some(format!("{id}.{variant}"));
     if !embed {
-        spec.stages.retain(|s| !matches!(s, StageSpec::Embed(_)));
+        spec.stages.retain(|s| s.get("name").and_then(|n| n.as_str()) != Some("embed"));
     }
     // HARTONOMOUS_E2E_DROP=publish,dedup leaves optional stages out, to see what each costs.
     let drop = std::env::var("HARTONOMOUS_E2E_DROP").unwrap_or_default();
-    spec.stages.retain(|s| !drop.split(',').any(|d| d == s.name()));
+    spec.stages.retain(|s| !drop.split(',').any(|d| s.get("name").and_then(|n| n.as_str()) == Some(d)));
     let mut store = ClickHouseConfig::new(clickhouse_url(), database.clone());
     store.migrate_on_start = true;
     let profile = Profile {
@@ -278,7 +279,7 @@ async fn topology(id: &str, variant: &str, topic: &str, registry: &Path, embed: 
     let done = Instant::now();
     stop.send(()).unwrap();
     let summary = run.await.unwrap().unwrap();
-    assert_eq!(summary.atoms_stored, n as u64, "{variant}: {}", summary.render());
+    assert_eq!(summary.count(counters::ATOMS_STORED), n as u64, "{variant}: {}", summary.render());
     assert_eq!(check.query_scalar_u64("SELECT count() FROM atoms FINAL").await.unwrap(), n as u64);
     let (t_first, c_first) = first.unwrap();
     let steady = if done > t_first { (n as u64 - c_first) as f64 / (done - t_first).as_secs_f64() } else { f64::NAN };

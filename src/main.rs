@@ -12,7 +12,7 @@ use hartonomous::avro::FileRegistry;
 use hartonomous::config::{LogProfile, Profile, StoreProfile};
 use hartonomous::log::LogProducer;
 use hartonomous::store::clickhouse::ClickHouseStore;
-use hartonomous::topology::{self, spec::TopologySpec};
+use hartonomous::topology;
 
 /// Sample requests for `demo`: distinct texts, repeats and malformed records.
 const DEMO_INPUT: &[u8] = include_bytes!("../tests/data/demo-atoms.jsonl");
@@ -35,12 +35,10 @@ enum Command {
     /// Run a topology: over an input file on the embedded log until it is drained,
     /// or, without --input, against Kafka until SIGINT/SIGTERM (then drain and commit).
     Run {
-        /// Bundled topology name.
-        #[arg(long, default_value = "atom-ingestion")]
+        /// A bundled topology's name (`hartonomous topology list`), or the path
+        /// of a declaration file, e.g. an edited copy of topologies/atom-ingestion.toml.
+        #[arg(long, default_value = "atom-ingestion", value_name = "NAME|FILE")]
         topology: String,
-        /// Run this declaration file instead of the bundled one.
-        #[arg(long)]
-        topology_file: Option<PathBuf>,
         /// JSON lines, or framed wire records written by `produce --output` (embedded log only).
         #[arg(long)]
         input: Option<PathBuf>,
@@ -81,10 +79,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TopologyCommand {
-    /// Check a declaration; prints nothing but "ok" when it is valid.
-    Validate { file: PathBuf },
-    /// Print the graph of stages.
-    Show { file: PathBuf },
+    /// List the bundled topologies.
+    List,
+    /// Check a declaration (a bundled name or a file); prints nothing but "ok" when it is valid.
+    Validate {
+        #[arg(value_name = "NAME|FILE")]
+        topology: String,
+    },
+    /// Print the graph of stages of a declaration (a bundled name or a file).
+    Show {
+        #[arg(value_name = "NAME|FILE")]
+        topology: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -124,11 +130,17 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Topology { command: TopologyCommand::Validate { file } } => {
-            TopologySpec::load(&file)?;
-            println!("ok: {}", file.display());
+        Command::Topology { command: TopologyCommand::List } => {
+            for t in topology::TOPOLOGIES {
+                let spec = topology::bundled(t.name())?;
+                println!("{:<20} {} -> {}", t.name(), spec.source.topic, spec.description);
+            }
         }
-        Command::Topology { command: TopologyCommand::Show { file } } => println!("{}", TopologySpec::load(&file)?.render()),
+        Command::Topology { command: TopologyCommand::Validate { topology: t } } => {
+            topology::resolve(&t)?;
+            println!("ok: {t}");
+        }
+        Command::Topology { command: TopologyCommand::Show { topology: t } } => println!("{}", topology::resolve(&t)?.render()?),
         Command::Demo => {
             let profile = Profile::load(cli.connectors.as_deref())?;
             let spec = topology::bundled("atom-ingestion")?;
@@ -141,12 +153,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{}", app.store.query_to_string(DEMO_QUERY).await?);
             println!("Run it again: every atom is already stored, so nothing is embedded twice.");
         }
-        Command::Run { topology: name, topology_file, input } => {
+        Command::Run { topology: name, input } => {
             let profile = Profile::load(cli.connectors.as_deref())?;
-            let spec = match topology_file {
-                Some(f) => TopologySpec::load(&f)?,
-                None => topology::bundled(&name)?,
-            };
+            let spec = topology::resolve(&name)?;
             match (input, &profile.log) {
                 (Some(input), LogProfile::Embedded(_)) => {
                     let records = hartonomous::input::read(&input, &spec.source.topic)?;
@@ -168,9 +177,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let profile = Profile::load(cli.connectors.as_deref())?;
             let name = match schema {
                 Some(s) => s,
-                None => topology::BUNDLED
+                None => topology::TOPOLOGIES
                     .iter()
-                    .filter_map(|(n, _)| topology::bundled(n).ok())
+                    .filter_map(|t| topology::bundled(t.name()).ok())
                     .find(|s| s.source.topic == topic)
                     .map(|s| s.source.schema)
                     .ok_or_else(|| anyhow::anyhow!("no bundled topology reads `{topic}`; pass --schema NAME (one of {:?})", Schemas::names()))?,
@@ -232,8 +241,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("cannot create the registry's directory {}: {e}", parent.display()))?;
             }
             let registry = FileRegistry::open(&path)?;
-            for (name, _) in topology::BUNDLED {
-                let spec = topology::bundled(name)?;
+            for t in topology::TOPOLOGIES {
+                let spec = topology::bundled(t.name())?;
                 registry.register_bundled(&[(spec.source.topic.as_str(), spec.source.schema.as_str())])?;
             }
             println!("  id  subject  version  schema (canonical form) -- registry file {}", path.display());

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arrow::array::AsArray;
 use common::*;
+use hartonomous::topology::atom_ingestion::counters;
 use hartonomous::atom::{AtomIngested, ContentHash};
 use hartonomous::avro::{self, Schemas};
 use hartonomous::dead_letter;
@@ -83,11 +84,11 @@ async fn stores_exactly_the_unique_valid_atoms_and_reruns_add_nothing() {
     let (app, embedder) = app(dir.path());
     let summary = app.run_to_end(&spec, input.clone()).await.unwrap();
     assert_eq!(summary.records_in as usize, n);
-    assert_eq!(summary.atoms_stored as usize, unique, "{}", summary.render());
-    assert_eq!(summary.duplicates_matched as usize, dups);
+    assert_eq!(summary.count(counters::ATOMS_STORED) as usize, unique, "{}", summary.render());
+    assert_eq!(counters::duplicates_matched(&summary) as usize, dups);
     assert_eq!(summary.dead_lettered as usize, b);
-    assert_eq!(summary.events_published as usize, unique + dups, "every accepted request is answered");
-    assert_eq!(summary.arrivals_stored as usize, unique + dups);
+    assert_eq!(summary.count(counters::EVENTS_PUBLISHED) as usize, unique + dups, "every accepted request is answered");
+    assert_eq!(summary.count(counters::ARRIVALS_STORED) as usize, unique + dups);
 
     // The embedder saw each unique content exactly once, and nothing else.
     let texts = embedder.texts();
@@ -156,9 +157,9 @@ async fn stores_exactly_the_unique_valid_atoms_and_reruns_add_nothing() {
     drop(app);
     let (again, embedder2) = common::app(dir.path());
     let summary2 = again.run_to_end(&spec, input).await.unwrap();
-    assert_eq!(summary2.atoms_stored, 0, "{}", summary2.render());
-    assert_eq!(summary2.embedding_calls, 0);
-    assert_eq!(summary2.arrivals_stored, 0, "the same positions: every arrival is recorded already");
+    assert_eq!(summary2.count(counters::ATOMS_STORED), 0, "{}", summary2.render());
+    assert_eq!(summary2.count(counters::EMBEDDING_CALLS), 0);
+    assert_eq!(summary2.count(counters::ARRIVALS_STORED), 0, "the same positions: every arrival is recorded already");
     assert!(embedder2.texts().is_empty());
     assert_eq!(count(&again, "SELECT count(*) FROM atoms").await as usize, unique);
     assert_eq!(count(&again, "SELECT count(*) FROM atom_arrivals").await as usize, unique + dups);
@@ -226,7 +227,7 @@ async fn malformed_wire_records_are_dead_lettered_with_their_reason_and_good_one
     .into();
     let input = vec![ok_v2, bad_magic.clone(), unknown_id, ok_v1, truncated, header_only, wrong_types, bad_utf8, oversize];
     let summary = app.run_to_end(&spec, input).await.unwrap();
-    assert_eq!(summary.atoms_stored, 2, "{}", summary.render());
+    assert_eq!(summary.count(counters::ATOMS_STORED), 2, "{}", summary.render());
     assert_eq!(summary.dead_lettered as usize, expected.len());
 
     let mut got = BTreeMap::new();
@@ -339,7 +340,7 @@ async fn a_commit_never_passes_an_unacknowledged_dead_letter() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let spec2 = spec.clone();
     let run = tokio::spawn(async move {
-        topology::atom_ingestion::run(&spec2, &deps, consumer, Until::Shutdown, async move {
+        topology::run(&spec2, &deps, consumer, Until::Shutdown, async move {
             let _ = stopped.await;
         })
         .await
@@ -361,7 +362,7 @@ async fn a_commit_never_passes_an_unacknowledged_dead_letter() {
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(committed(), Some(5));
     }
-    assert!(Metrics::get(&metrics.events_published) > 5, "later records did progress past the held one");
+    assert!(metrics.value(counters::EVENTS_PUBLISHED) > 5, "later records did progress past the held one");
     assert!(app.log.records(DLQ).is_empty());
     open_gate.send(true).unwrap();
     wait_for(20).await;

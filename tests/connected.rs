@@ -231,8 +231,8 @@ request_timeout_ms = 10000
         )
         .unwrap();
         let topology = dir.path().join("topology.toml");
-        let text = hartonomous::topology::BUNDLED[0]
-            .1
+        let text = hartonomous::topology::TOPOLOGIES[0]
+            .declaration()
             .replace("\"atoms.ingest.dlq\"", &format!("\"{dlq}\""))
             .replace("\"atoms.ingested\"", &format!("\"{out}\""))
             .replace("\"atoms.ingest\"", &format!("\"{topic}\""))
@@ -307,7 +307,7 @@ request_timeout_ms = 10000
     fn spawn(&self, name: &str, env: &[(&str, &str)]) -> Proc {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hartonomous"));
-        cmd.args(["--connectors", self.profile.to_str().unwrap(), "run", "--topology-file", self.topology.to_str().unwrap()])
+        cmd.args(["--connectors", self.profile.to_str().unwrap(), "run", "--topology", self.topology.to_str().unwrap()])
             .env("RUST_LOG", "hartonomous=debug,rdkafka=warn")
             .env_remove(hartonomous::failpoint::ENV)
             .stdout(log.try_clone().unwrap())

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::{BoxFuture, join_all};
+use hartonomous::topology::atom_ingestion::counters;
 use hartonomous::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use hartonomous::avro::{FileRegistry, Schemas};
 use hartonomous::dead_letter;
@@ -57,8 +58,8 @@ fn unique(prefix: &str) -> String {
 
 /// The bundled topology on topics of its own.
 fn spec(topic: &str, dlq: &str, out: &str, partitions: i32, edit: impl Fn(String) -> String) -> TopologySpec {
-    let text = topology::BUNDLED[0]
-        .1
+    let text = topology::TOPOLOGIES[0]
+        .declaration()
         .replace("\"atoms.ingest.dlq\"", &format!("\"{dlq}\""))
         .replace("\"atoms.ingested\"", &format!("\"{out}\""))
         .replace("\"atoms.ingest\"", &format!("\"{topic}\""))
@@ -233,7 +234,7 @@ async fn the_in_flight_budget_holds_through_a_rebalance_while_it_is_spent() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let spec2 = spec.clone();
     let runner = tokio::spawn(async move {
-        topology::atom_ingestion::run(&spec2, &deps, consumer, Until::Shutdown, async move {
+        topology::run(&spec2, &deps, consumer, Until::Shutdown, async move {
             let _ = stopped.await;
         })
         .await
@@ -263,8 +264,8 @@ async fn the_in_flight_budget_holds_through_a_rebalance_while_it_is_spent() {
 
     gate.send(true).unwrap();
     let deadline = Instant::now() + DEADLINE;
-    while Metrics::get(&metrics.events_published) < n as u64 {
-        assert!(Instant::now() < deadline, "only {} of {n} requests answered", Metrics::get(&metrics.events_published));
+    while metrics.value(counters::EVENTS_PUBLISHED) < n as u64 {
+        assert!(Instant::now() < deadline, "only {} of {n} requests answered", metrics.value(counters::EVENTS_PUBLISHED));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.send(()).unwrap();
@@ -313,14 +314,14 @@ async fn dead_letters_fit_a_smaller_dead_letter_topic_and_an_oversized_one_is_tr
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let spec2 = spec.clone();
     let runner = tokio::spawn(async move {
-        topology::atom_ingestion::run(&spec2, &deps, consumer, Until::Shutdown, async move {
+        topology::run(&spec2, &deps, consumer, Until::Shutdown, async move {
             let _ = stopped.await;
         })
         .await
     });
     let deadline = Instant::now() + DEADLINE;
-    while Metrics::get(&metrics.events_published) < good.len() as u64 || run.store.dead_letter_count() < 5 {
-        assert!(Instant::now() < deadline, "not done: {} events, {} dead letters", Metrics::get(&metrics.events_published), run.store.dead_letter_count());
+    while metrics.value(counters::EVENTS_PUBLISHED) < good.len() as u64 || run.store.dead_letter_count() < 5 {
+        assert!(Instant::now() < deadline, "not done: {} events, {} dead letters", metrics.value(counters::EVENTS_PUBLISHED), run.store.dead_letter_count());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.send(()).unwrap();

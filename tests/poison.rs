@@ -20,6 +20,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 use common::*;
+use hartonomous::topology::atom_ingestion::counters;
 use hartonomous::avro::confluent::{ConfluentRegistry, ConfluentRegistryConfig};
 use hartonomous::avro::depth::MAX_DEPTH;
 use hartonomous::avro::{self, ATOM_INGESTED, ATOM_INGESTION_REQUEST, SchemaRegistry, Schemas};
@@ -338,10 +339,10 @@ async fn run_with(
         breakers: Default::default(),
     };
     let consumer = app.log.consumer(&spec.group(), &[spec.source.topic.as_str()]);
-    let report = topology::atom_ingestion::run(&spec, &deps, consumer, Until::Drained, std::future::pending())
+    let report = topology::run(&spec, &deps, consumer, Until::Drained, std::future::pending())
         .await
         .expect("a poison record must not stop the topology");
-    hartonomous::app::Summary::new(&spec, &metrics, report)
+    hartonomous::app::Summary::new(&spec.name, &metrics, report)
 }
 
 /// Dead letters on the DLQ topic, by key → reason; checks each keeps the
@@ -376,7 +377,7 @@ async fn the_topology_dead_letters_poison_from_a_confluent_registry_and_stores_t
     let expected: BTreeMap<String, String> =
         cases.iter().filter(|(_, _, e)| *e != "continue").map(|(k, _, e)| (k.clone(), e.to_string())).collect();
     assert_eq!(summary.records_in as usize, cases.len(), "{}", summary.render());
-    assert_eq!(summary.atoms_stored as usize, good, "{}", summary.render());
+    assert_eq!(summary.count(counters::ATOMS_STORED) as usize, good, "{}", summary.render());
     assert_eq!(summary.dead_lettered as usize, expected.len(), "{}", summary.render());
     assert_eq!(dead_letters(&app), expected);
     assert_eq!(count(&app, "SELECT count(*) FROM atoms").await as usize, good);
@@ -407,7 +408,7 @@ async fn the_topology_dead_letters_poison_from_the_file_registry() {
         raw_record(TOPIC, "unknown", avro::wire::frame(9_999, good_body)),
     ];
     let summary = app.run_to_end(&spec, input).await.expect("a poison record must not stop the topology");
-    assert_eq!(summary.atoms_stored, 2, "{}", summary.render());
+    assert_eq!(summary.count(counters::ATOMS_STORED), 2, "{}", summary.render());
     let expected: BTreeMap<String, String> = [
         ("atom-ingested", "decode.wrong_schema"),
         ("plain-string", "decode.wrong_schema"),

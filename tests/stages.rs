@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
+use hartonomous::topology::atom_ingestion::counters;
 use hartonomous::atom::{ArrivalOutcome, ArrivalRow, AtomIngested, AtomIngestionRequest, AtomRow, ContentHash, SourcePosition};
 use hartonomous::avro::{self, FileRegistry, SchemaRegistry, Schemas};
 use hartonomous::clock::{self, ManualClock};
@@ -25,7 +26,7 @@ use hartonomous::topology::atom_ingestion::ledger::{Fate, Ledger};
 use hartonomous::topology::atom_ingestion::persist::Persist;
 use hartonomous::topology::atom_ingestion::publish::Publish;
 use hartonomous::topology::atom_ingestion::validate;
-use hartonomous::topology::spec::ValidateSpec;
+use hartonomous::topology::atom_ingestion::spec::ValidateSpec;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -379,7 +380,7 @@ async fn dedup_second_equal_content_in_one_window_is_matched_and_still_answered(
     let all: Vec<Admitted> = out.into_iter().map(continued).collect();
     assert_eq!(all[0].hashed.hash, ContentHash::of(b"a"));
     assert_eq!(all[2].hashed.request, request("text/plain", b"a"));
-    assert_eq!(stage.metrics.matched_by_reason().get(dedup::IN_WINDOW), Some(&2));
+    assert_eq!(stage.metrics.value(counters::matched(dedup::IN_WINDOW)), 2);
 }
 
 #[tokio::test]
@@ -539,8 +540,8 @@ async fn embed_sends_texts_in_calls_of_max_batch_and_puts_vectors_on_the_right_i
     let mut sent: Vec<String> = calls.concat();
     sent.sort();
     assert_eq!(sent, vec!["a", "bb", "dddd", "ffffff", "{\"e\":5}"]);
-    assert_eq!(Metrics::get(&metrics.embedding_calls), 3);
-    assert_eq!(Metrics::get(&metrics.embedded_texts), 5);
+    assert_eq!(metrics.value(counters::EMBEDDING_CALLS), 3);
+    assert_eq!(metrics.value(counters::EMBEDDED_TEXTS), 5);
 }
 
 #[tokio::test]
@@ -551,7 +552,7 @@ async fn embed_batch_of_only_non_text_makes_no_call() {
     let out: Vec<Embedded> = stage.process(items).await.unwrap().into_iter().map(embedded).collect();
     assert!(out.iter().all(|e| e.embedding.is_empty()));
     assert!(embedder.calls().is_empty());
-    assert_eq!(Metrics::get(&metrics.embedding_calls), 0);
+    assert_eq!(metrics.value(counters::EMBEDDING_CALLS), 0);
     assert!(stage.process(Vec::new()).await.unwrap().is_empty());
     assert!(embedder.calls().is_empty());
 }
@@ -585,8 +586,8 @@ async fn embed_rejected_call_is_split_so_only_the_refused_text_is_invalid() {
             vec!["ok four".to_string()],
         ]
     );
-    assert_eq!(Metrics::get(&metrics.embedding_calls), 5);
-    assert_eq!(Metrics::get(&metrics.embedded_texts), 3);
+    assert_eq!(metrics.value(counters::EMBEDDING_CALLS), 5);
+    assert_eq!(metrics.value(counters::EMBEDDED_TEXTS), 3);
 }
 
 #[tokio::test]
@@ -619,7 +620,7 @@ async fn embed_unavailable_service_is_waited_for_and_nothing_is_dead_lettered() 
     // The chunk with the marker was tried until it worked (3 failures + 1).
     let tries = embedder.calls().iter().filter(|c| c.iter().any(|t| t.contains("DOWN"))).count();
     assert_eq!(tries, 4);
-    assert_eq!(Metrics::get(&metrics.embedded_texts), 4);
+    assert_eq!(metrics.value(counters::EMBEDDED_TEXTS), 4);
 }
 
 #[tokio::test]
@@ -775,9 +776,9 @@ async fn persist_rows_carry_lineage_metadata_event_time_and_trace() {
     // metadata_json is the JSON of the map.
     let parsed: BTreeMap<String, String> = serde_json::from_str(&expected[0].metadata_json).unwrap();
     assert_eq!(parsed, persist_items()[0].value.admitted.hashed.request.metadata);
-    assert_eq!(Metrics::get(&metrics.atoms_stored), 3);
+    assert_eq!(metrics.value(counters::ATOMS_STORED), 3);
     assert_eq!(store.arrival_count(), 3, "each request has its arrival");
-    assert_eq!(Metrics::get(&metrics.arrivals_stored), 3);
+    assert_eq!(metrics.value(counters::ARRIVALS_STORED), 3);
 
     // The answers: created, with the request's own position and the embedding's shape.
     assert_eq!(events.len(), 3);
@@ -813,7 +814,7 @@ async fn persist_repeats_store_only_their_arrival_and_are_answered_matched() {
     // A replay: every request still answered, nothing new stored.
     let again = stage.process(persist_items()).await.unwrap();
     assert_eq!(summary(&again), vec!["continue"; 3]);
-    assert_eq!(Metrics::get(&metrics.atoms_stored), 3);
+    assert_eq!(metrics.value(counters::ATOMS_STORED), 3);
     assert_eq!(store.atom_count(), 3);
     assert_eq!(store.arrival_count(), 4);
 }
@@ -845,7 +846,7 @@ async fn persist_row_rejected_by_the_store_is_isolated_and_its_repeats_answer_th
     assert!(r.message.contains(&poison.to_hex()), "{r:?}");
     assert!(rejection(&out[3]).message.contains("same content as an earlier request"), "{:?}", rejection(&out[3]));
     assert_eq!(continued(out[0].clone()).content_hash, ContentHash::of(b"alpha").to_hex());
-    assert_eq!(Metrics::get(&metrics.atoms_stored), 2);
+    assert_eq!(metrics.value(counters::ATOMS_STORED), 2);
     assert_eq!(inner.atom_count(), 2);
     assert_eq!(inner.arrival_count(), 2, "dead-lettered requests have no arrival");
     assert!(inner.existing_hashes(&[poison]).await.unwrap().is_empty());
@@ -862,7 +863,7 @@ async fn persist_fatal_store_error_fails_the_batch() {
     let err = stage.process(persist_items()).await.unwrap_err();
     assert_eq!(err.stage, "persist");
     assert_eq!(store.insert_sizes(), vec![3]);
-    assert_eq!(Metrics::get(&metrics.atoms_stored), 0);
+    assert_eq!(metrics.value(counters::ATOMS_STORED), 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -910,7 +911,7 @@ async fn publish_one_decodable_event_per_item_keyed_by_hash_with_trace() {
     let items = records.into_iter().zip(events.iter().cloned()).map(|(r, e)| item(r, e)).collect();
     let out = stage.process(items).await.unwrap();
     assert_eq!(out, vec![Outcome::Continue(()); 3]);
-    assert_eq!(Metrics::get(&metrics.events_published), 3);
+    assert_eq!(metrics.value(counters::EVENTS_PUBLISHED), 3);
 
     let published = log.records(OUT_TOPIC);
     assert_eq!(published.len(), 3);
@@ -950,7 +951,7 @@ async fn publish_empty_batch_sends_nothing() {
         .unwrap();
     assert!(stage.process(Vec::new()).await.unwrap().is_empty());
     assert!(log.records(OUT_TOPIC).is_empty());
-    assert_eq!(Metrics::get(&metrics.events_published), 0);
+    assert_eq!(metrics.value(counters::EVENTS_PUBLISHED), 0);
 }
 
 // ---------------------------------------------------------------------------

@@ -19,5 +19,5 @@ pub mod stage;
 pub mod window;
 
 pub use batch::{Batch, Item, Slot};
-pub use metrics::Metrics;
+pub use metrics::{Counter, Metrics};
 pub use stage::{FnStage, Stage};

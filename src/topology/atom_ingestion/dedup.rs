@@ -126,7 +126,7 @@ impl Stage for Dedup {
                     admitted
                 };
                 if let Some(by) = decided.matched_by {
-                    self.metrics.matched(by);
+                    self.metrics.count(super::counters::matched(by), 1);
                 }
                 Outcome::Continue(decided)
             })

@@ -52,13 +52,13 @@ impl Embed {
     /// service refuses are dead-lettered.
     async fn call(&self, texts: Vec<String>) -> Result<Vec<Result<Vec<f32>, Rejection>>, Fatal> {
         loop {
-            Metrics::add(&self.metrics.embedding_calls, 1);
+            self.metrics.count(super::counters::EMBEDDING_CALLS, 1);
             match self.embedder.embed(&texts).await {
                 Ok(vectors) => {
                     if self.outage.swap(false, Ordering::AcqRel) {
                         tracing::info!(model = self.embedder.model(), "embedding service answers again; resuming");
                     }
-                    Metrics::add(&self.metrics.embedded_texts, texts.len() as u64);
+                    self.metrics.count(super::counters::EMBEDDED_TEXTS, texts.len() as u64);
                     if vectors.len() != texts.len() {
                         return Err(Fatal::new("embed", format!("model returned {} vectors for {} texts", vectors.len(), texts.len())));
                     }

@@ -119,7 +119,7 @@ impl Persist {
         let all: Vec<AtomRow> = rows.iter().map(|(_, r)| r.clone()).collect();
         match self.resilient.call(|| store.insert_atoms(&all)).await {
             Ok(report) => {
-                Metrics::add(&self.metrics.atoms_stored, report.inserted as u64);
+                self.metrics.count(super::counters::ATOMS_STORED, report.inserted as u64);
                 return Ok(());
             }
             Err(Attempted::Rejected { class: ErrorClass::Invalid, .. }) => {}
@@ -129,7 +129,7 @@ impl Persist {
         for (i, row) in rows {
             let one = std::slice::from_ref(&row);
             match self.resilient.call(|| store.insert_atoms(one)).await {
-                Ok(report) => Metrics::add(&self.metrics.atoms_stored, report.inserted as u64),
+                Ok(report) => self.metrics.count(super::counters::ATOMS_STORED, report.inserted as u64),
                 Err(Attempted::Rejected { error, class: ErrorClass::Invalid, attempts }) => {
                     verdicts[i] = Some(Rejection::new("persist.rejected", error.to_string()).with_attempts(attempts));
                 }
@@ -198,7 +198,7 @@ impl Stage for Persist {
         if !arrivals.is_empty() {
             let store = self.store.clone();
             match self.resilient.call(|| store.insert_arrivals(&arrivals)).await {
-                Ok(report) => Metrics::add(&self.metrics.arrivals_stored, report.inserted as u64),
+                Ok(report) => self.metrics.count(super::counters::ARRIVALS_STORED, report.inserted as u64),
                 Err(e) => return Err(Fatal::new("persist", format!("storing arrivals: {e}"))),
             }
             failpoint::hit("persist.after_arrivals");

@@ -81,7 +81,7 @@ impl Stage for Publish {
         for result in futures::future::join_all(sends).await {
             outcomes.push(match result {
                 Ok(_) => {
-                    Metrics::add(&self.metrics.events_published, 1);
+                    self.metrics.count(super::counters::EVENTS_PUBLISHED, 1);
                     Outcome::Continue(())
                 }
                 Err(Attempted::Rejected { error, class: ErrorClass::Invalid, attempts }) => {

@@ -3,7 +3,7 @@
 use crate::atom::AtomIngestionRequest;
 use crate::flow::{FnStage, Item};
 use crate::outcome::{Outcome, Rejection};
-use crate::topology::spec::ValidateSpec;
+use super::spec::ValidateSpec;
 
 /// Text types must be UTF-8 and are embedded; other allowed types are only stored.
 pub fn is_text(content_type: &str) -> bool {
