@@ -1,0 +1,64 @@
+//! The producer: idempotent and `acks=all`, so that a sent record is durable
+//! on every in-sync replica before its source offset may be committed.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+use super::error::{classify, with_context};
+use super::{KafkaConfig, LogContext};
+use crate::log::{LogError, LogProducer};
+use crate::record::{OutgoingRecord, Position, TopicPartition};
+
+/// How long `send` keeps retrying while librdkafka's local queue is full.
+const QUEUE_FULL_WAIT: Duration = Duration::from_secs(30);
+
+/// An idempotent, `acks=all` producer. Clones share one librdkafka client.
+#[derive(Clone)]
+pub struct KafkaProducer {
+    inner: FutureProducer<LogContext>,
+}
+
+impl KafkaProducer {
+    pub fn new(config: &KafkaConfig) -> Result<Self, LogError> {
+        let mut c = config.client_config()?;
+        c.set("acks", "all").set("enable.idempotence", "true");
+        if !config.properties.contains_key("linger.ms") && !config.properties.contains_key("queue.buffering.max.ms") {
+            c.set("linger.ms", "5");
+        }
+        let inner = c
+            .create_with_context(LogContext { name: "producer" })
+            .map_err(|e| with_context(classify(&e), "creating the kafka producer"))?;
+        Ok(Self { inner })
+    }
+
+    async fn send_record(&self, record: OutgoingRecord) -> Result<Position, LogError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.iter().count());
+        for (key, value) in record.headers.iter() {
+            headers = headers.insert(Header { key, value });
+        }
+        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic).payload(&record.payload[..]).headers(headers);
+        if let Some(key) = &record.key {
+            fr = fr.key(&key[..]);
+        }
+        if let Some(p) = record.partition {
+            fr = fr.partition(p);
+        }
+        if let Some(ts) = record.event_time_ms {
+            fr = fr.timestamp(ts);
+        }
+        match self.inner.send(fr, Timeout::After(QUEUE_FULL_WAIT)).await {
+            Ok(d) => Ok(Position { tp: TopicPartition::new(record.topic.as_str(), d.partition), offset: d.offset }),
+            Err((e, _)) => Err(with_context(classify(&e), &format!("producing to `{}`", record.topic))),
+        }
+    }
+}
+
+impl LogProducer for KafkaProducer {
+    fn send(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<Position, LogError>> {
+        Box::pin(self.send_record(record))
+    }
+}

@@ -1,0 +1,59 @@
+//! SQL: read-only DataFusion queries over the tables, each table registered
+//! as a listing table over its directory of part files.
+
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{ParquetReadOptions, SQLOptions, SessionConfig, SessionContext};
+
+use super::files::{PART_SUFFIX, Table};
+use super::{EmbeddedStore, QueryError};
+
+impl EmbeddedStore {
+    /// Runs one read-only SQL query over the tables `atoms` and
+    /// `dead_letters` and returns all result batches. Each call uses a fresh
+    /// DataFusion session, so it sees every file written before it started.
+    /// DDL, DML (`INSERT`, `COPY`) and session statements (`SET`) are refused.
+    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
+        Ok(self.run_query(sql).await?.1)
+    }
+
+    /// Like [`query`](Self::query), formatted as a text table (column
+    /// headers are shown even when there are no rows).
+    pub async fn query_to_string(&self, sql: &str) -> Result<String, QueryError> {
+        let (schema, batches) = self.run_query(sql).await?;
+        let table = arrow::util::pretty::pretty_format_batches_with_schema(schema, &batches)?;
+        Ok(table.to_string())
+    }
+
+    async fn run_query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+        for table in [&self.atoms, &self.dead_letters, &self.arrivals] {
+            table.register(&ctx).await?;
+        }
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let frame = ctx.sql_with_options(sql, options).await?;
+        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame.collect().await?;
+        Ok((schema, batches))
+    }
+}
+
+impl Table {
+    /// Registers this table in `ctx` as a listing table over its directory.
+    async fn register(&self, ctx: &SessionContext) -> Result<(), DataFusionError> {
+        // A trailing separator makes DataFusion treat the path as a directory.
+        let url = format!("{}{}", self.dir.display(), std::path::MAIN_SEPARATOR);
+        let options = ParquetReadOptions {
+            file_extension: PART_SUFFIX,
+            schema: Some(&self.schema),
+            ..Default::default()
+        };
+        ctx.register_parquet(self.name, url, options).await
+    }
+}
