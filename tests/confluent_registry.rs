@@ -34,6 +34,7 @@ const PASSWORD: &str = "s3cret-p4ss";
 const PASSWORD_ENV: &str = "HARTONOMOUS_TEST_CONFLUENT_REGISTRY_PASSWORD";
 const WRONG_PASSWORD_ENV: &str = "HARTONOMOUS_TEST_CONFLUENT_REGISTRY_WRONG_PASSWORD";
 
+#[allow(unsafe_code)] // std::env::set_var is unsafe since edition 2024
 fn set_password_env() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {

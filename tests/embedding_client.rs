@@ -385,6 +385,7 @@ async fn open_breaker_fails_fast_without_reaching_the_server() {
 }
 
 #[tokio::test]
+#[allow(unsafe_code)] // std::env::set_var is unsafe since edition 2024
 async fn bearer_token_from_the_named_variable_is_sent() {
     let var = format!("HARTONOMOUS_TEST_EMBED_KEY_{}", std::process::id());
     // SAFETY: the name is unique to this test and process; std serialises
