@@ -1,7 +1,7 @@
 //! The three outcomes of any failure, and the per-record outcome of a stage.
 //!
 //! Every external client classifies its own errors into an [`ErrorClass`] in
-//! one place (see `embed/openai.rs`, `store/embedded.rs`). The rest of the
+//! one place (see `embed/openai.rs`, `store/embedded/`). The rest of the
 //! system only ever looks at the class:
 //! - **Retry**: transient; try again later with backoff. Nothing is lost.
 //! - **Invalid**: this input can never succeed; it goes to the dead-letter

@@ -1,7 +1,7 @@
 //! Every file of `schemas/clickhouse/` on a current ClickHouse engine, not
 //! only on the test services' 18.16: `tests/chdb/check_ddl.py` runs them on
 //! the engine that the `chdb-core` wheel embeds in-process (ClickHouse 26.9),
-//! and checks the tables against the column lists of `src/store/clickhouse.rs`,
+//! and checks the tables against the column lists of `src/store/clickhouse/`,
 //! the upgrade through 005, crashes and races in 005, a second run of every
 //! file, and every analyst query of `schemas/clickhouse/README.md` on sample
 //! rows. One test per check group; the script's own output (one line per

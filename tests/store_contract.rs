@@ -15,7 +15,7 @@
 //!
 //! Implementation-specific behaviour (part files, reopening, migrations,
 //! error classes, insert splitting, SQL queries) is tested next to each
-//! implementation: `src/store/embedded.rs` and `tests/clickhouse_store.rs`.
+//! implementation: `src/store/embedded/` and `tests/clickhouse_store.rs`.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -7,7 +7,7 @@ This script runs the same schema files on the current engine that the
 temporary directory, and checks what they build:
 
   fresh       every file applied in name order to an empty database, the way
-              `ClickHouseStore::migrate` applies them (src/store/clickhouse.rs:
+              `ClickHouseStore::migrate` applies them (src/store/clickhouse/:
               `split_steps`, `execute_script`, `guard_holds`, and the
               `non_replicated_deduplication_window` it sets on current
               servers); the tables, their columns and types (compared with
@@ -63,7 +63,7 @@ from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = ROOT / "schemas" / "clickhouse"
-RUST_STORE = ROOT / "src" / "store" / "clickhouse.rs"
+RUST_STORE = ROOT / "src" / "store" / "clickhouse"
 SCHEMA_README = SCHEMA_DIR / "README.md"
 
 # 2^62, the base of `first_wins_rank` (DEFAULT toUInt64(2^62 - *_ms)).
@@ -108,11 +108,16 @@ def expect_eq(actual, expected, what: str) -> None:
 
 
 class RustStore:
-    """Constants of src/store/clickhouse.rs, read from its source text."""
+    """Constants of the ClickHouse store (src/store/clickhouse/*.rs), read
+    from its source text. Every file of the folder is read, so a constant may
+    move between them; include_str! paths are relative to the folder."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.text = path.read_text(encoding="utf-8")
+    def __init__(self, folder: Path):
+        self.path = folder
+        files = sorted(folder.glob("*.rs"))
+        if not files:
+            die(f"no Rust files in {folder}; update RUST_STORE in {__file__}")
+        self.text = "\n".join(f.read_text(encoding="utf-8") for f in files)
         self.bootstrap = self._include("BOOTSTRAP", single=True)[0]
         self.migrations = self._include("MIGRATIONS", single=False)
         self.run_if = self._str_const("RUN_IF")
@@ -148,14 +153,14 @@ class RustStore:
         pairs = re.findall(r'\(\s*"([^"]+)"\s*,\s*include_str!\("([^"]+)"\)\s*\)', body)
         if not pairs:
             die(f"{name} in {self.path} has no (\"file\", include_str!(...)) entries")
-        return [(file, str((self.path.parent / inc).resolve())) for file, inc in pairs]
+        return [(file, str((self.path / inc).resolve())) for file, inc in pairs]
 
 
 RUST = RustStore(RUST_STORE)
 
 
 # ---------------------------------------------------------------------------
-# The migrator, as src/store/clickhouse.rs has it
+# The migrator, as src/store/clickhouse/ has it
 # ---------------------------------------------------------------------------
 
 
@@ -571,7 +576,7 @@ def group_fresh(c: Checks, engine: Engine) -> None:
     def files_match_rust():
         on_disk = schema_files()
         bundled = [RUST.bootstrap[0]] + NUMBERED
-        expect_eq(bundled, on_disk, "BOOTSTRAP + MIGRATIONS of src/store/clickhouse.rs vs schemas/clickhouse/*.sql in name order")
+        expect_eq(bundled, on_disk, "BOOTSTRAP + MIGRATIONS of src/store/clickhouse/ vs schemas/clickhouse/*.sql in name order")
         for name, path in [RUST.bootstrap] + RUST.migrations:
             expect_eq(path, str(SCHEMA_DIR / name), f"include_str! path of {name}")
         return f"{len(on_disk)} files"
@@ -615,7 +620,7 @@ def group_fresh(c: Checks, engine: Engine) -> None:
 
         def check_columns(table=table, columns=columns):
             actual = columns_of(engine, db, table)
-            expect_eq(actual, columns, f"columns of {table} (name, type) in order, vs the list in src/store/clickhouse.rs")
+            expect_eq(actual, columns, f"columns of {table} (name, type) in order, vs the list in src/store/clickhouse/")
             return f"{len(columns)} columns"
 
         c.check(f"fresh::columns_of_{table}_match_the_store", check_columns)
