@@ -611,6 +611,11 @@ impl Rng {
 /// every output.
 async fn finish_and_check(s: &Setup, e: &Expected, name: &str, scenario: &str) {
     let mut child = s.spawn(name, &[]);
+    // Wait until it runs before anything else: when earlier processes stored
+    // everything already, the SIGTERM below would otherwise reach a process
+    // that has not installed its signal handlers yet (as for any program, the
+    // default action then ends it).
+    wait_for(&format!("{scenario}: {name} consuming"), Duration::from_secs(90), || async { s.log(name).contains("partitions assigned") }).await;
     wait_for(&format!("{scenario}: everything stored"), Duration::from_secs(240), || s.stored_everything(e)).await;
     // Its last events are acknowledged before their offsets commit; give the
     // final window a moment, then stop it cleanly.
@@ -831,7 +836,9 @@ async fn a_second_instance_joins_mid_stream_and_is_killed_without_loss() {
     let mut a = s.spawn("a", &[]);
     wait_for("some progress by a", Duration::from_secs(90), || async { s.arrivals_final().await > 500 }).await;
     let mut b = s.spawn("b", &[]);
-    wait_for("b takes partitions", Duration::from_secs(90), || async {
+    // tansu completes a rebalance when every member has rejoined; under load
+    // that took over 90 s once, so give it longer.
+    wait_for("b takes partitions", Duration::from_secs(180), || async {
         s.log("b").lines().any(|l| l.contains("partitions assigned") && l.contains("TopicPartition"))
     })
     .await;
