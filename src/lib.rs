@@ -3,6 +3,7 @@
 pub mod atom;
 pub mod clock;
 pub mod embed;
+pub mod model;
 pub mod outcome;
 pub mod record;
 pub mod resilience;

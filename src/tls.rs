@@ -15,6 +15,41 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+/// An HTTP client for one service at `root` (its scheme decides): rustls on
+/// ring; for `https://` the system roots plus the certificates of
+/// `ca_file`, for `http://` no certificate store at all, so a minimal
+/// container without one still works. `attempt_timeout` is a backstop: the
+/// callers enforce their deadlines on the injected clock. `what` names the
+/// service in errors.
+pub fn http_client(root: &str, ca_file: Option<&Path>, attempt_timeout: std::time::Duration, what: &str) -> Result<reqwest::Client, String> {
+    use std::time::Duration;
+    // reqwest is built with `rustls-no-provider`: pick ring for the
+    // process. Fails harmlessly if a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let extra_roots = match ca_file {
+        Some(path) => read_ca_file(path)?
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("ca_file `{}`: {}; give PEM CA certificate(s)", path.display(), crate::outcome::error_chain(&e)))?,
+        None => Vec::new(),
+    };
+    let https = root.trim().to_ascii_lowercase().starts_with("https:");
+    let client = reqwest::Client::builder()
+        .connect_timeout(attempt_timeout.min(Duration::from_secs(10)))
+        .timeout(attempt_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(16)
+        .tcp_nodelay(true)
+        .tcp_keepalive(Duration::from_secs(60))
+        .user_agent(concat!("hartonomous/", env!("CARGO_PKG_VERSION")));
+    let client = if https { client.tls_certs_merge(extra_roots) } else { client.tls_certs_only(extra_roots) };
+    client.build().map_err(|e| {
+        let hint = if https { "; if the system has no CA certificates, set ca_file" } else { "" };
+        format!("cannot build the HTTP client for {what}: {}{hint}", crate::outcome::error_chain(&e))
+    })
+}
+
 /// The crypto provider of every TLS client in this crate: ring.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

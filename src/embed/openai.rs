@@ -218,34 +218,8 @@ impl OpenAiEmbedder {
             }
         };
 
-        // reqwest is built with `rustls-no-provider`: pick ring for the
-        // process. Fails harmlessly if a provider is already installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let attempt_timeout = Duration::from_millis(config.retry.attempt_timeout_ms);
-        let extra_roots = match &config.ca_file {
-            Some(path) => crate::tls::read_ca_file(path)?
-                .iter()
-                .map(|der| reqwest::Certificate::from_der(der))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("ca_file `{}`: {}; give PEM CA certificate(s)", path.display(), error_chain(&e)))?,
-            None => Vec::new(),
-        };
-        let https = config.service_root().to_ascii_lowercase().starts_with("https:");
-        let client = reqwest::Client::builder()
-            .connect_timeout(attempt_timeout.min(Duration::from_secs(10)))
-            // Backstop only: `Resilient::call` enforces the attempt deadline
-            // on the injected clock.
-            .timeout(attempt_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(16)
-            .tcp_nodelay(true)
-            .tcp_keepalive(Duration::from_secs(60))
-            .user_agent(concat!("hartonomous/", env!("CARGO_PKG_VERSION")));
-        let client = if https { client.tls_certs_merge(extra_roots) } else { client.tls_certs_only(extra_roots) };
-        let client = client.build().map_err(|e| {
-            let hint = if https { "; if the system has no CA certificates, set ca_file" } else { "" };
-            format!("cannot build the HTTP client for the embedding service: {}{hint}", error_chain(&e))
-        })?;
+        let client = crate::tls::http_client(&config.service_root(), config.ca_file.as_deref(), attempt_timeout, "the embedding service")?;
 
         let endpoint = config.endpoint();
         let breaker = Arc::new(CircuitBreaker::new(format!("embed:{}", config.service_root()), config.breaker.clone()));

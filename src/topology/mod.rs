@@ -4,6 +4,7 @@
 //! of its stage graph ([`Pipeline`]) and the runner does the rest.
 
 pub mod atom_ingestion;
+pub mod ensemble_inference;
 pub mod spec;
 pub mod summary;
 

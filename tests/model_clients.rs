@@ -1,0 +1,131 @@
+//! The HTTP model clients against local model servers started by each test:
+//! what they send, how they read each protocol's answer, and how a server's
+//! failures are classified (unavailable, rejected, misconfigured, unusable).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use hartonomous::model::http::{HttpModel, HttpModelConfig, Protocol};
+use hartonomous::model::{Model, ModelError, Prediction};
+
+/// A model server that answers every request with `status` and `body`, and
+/// records each request's path and body.
+struct Server {
+    url: String,
+    seen: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl Server {
+    fn start(status: u16, body: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (log, body) = (seen.clone(), body.to_string());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
+                let mut length = 0;
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                let mut request = vec![0; length];
+                reader.read_exact(&mut request).unwrap();
+                log.lock().unwrap().push((path, serde_json::from_slice(&request).unwrap_or_default()));
+                let answer = format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        Self { url, seen }
+    }
+
+    fn seen(&self) -> Vec<(String, serde_json::Value)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn model(url: &str, protocol: Protocol) -> HttpModel {
+    HttpModel::new(HttpModelConfig {
+        id: "m1".into(),
+        version: "7".into(),
+        base_url: url.into(),
+        ca_file: None,
+        api_key_env: None,
+        attempt_timeout_ms: 5_000,
+        protocol,
+    })
+    .unwrap()
+}
+
+fn oip() -> Protocol {
+    Protocol::OipV2 { model: "clf".into(), input_name: "text".into(), label_output: "label".into(), score_output: Some("score".into()) }
+}
+
+#[tokio::test]
+async fn open_inference_protocol_v2() {
+    let server = Server::start(200, r#"{"model_name":"clf","outputs":[{"name":"label","shape":[1],"datatype":"BYTES","data":["spam"]},{"name":"score","shape":[1],"datatype":"FP32","data":[0.9]}]}"#);
+    let m = model(&server.url, oip());
+    assert_eq!(m.predict("win a prize").await.unwrap(), Prediction { label: "spam".into(), score: Some(0.9) });
+    assert_eq!((m.id(), m.version()), ("m1", "7"));
+    let (path, body) = &server.seen()[0];
+    assert_eq!(path, "/v2/models/clf/infer");
+    assert_eq!(body["inputs"][0], serde_json::json!({"name": "text", "shape": [1], "datatype": "BYTES", "data": ["win a prize"]}));
+}
+
+#[tokio::test]
+async fn openai_compatible_chat() {
+    let server = Server::start(200, r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Label: positive."}}]}"#);
+    let protocol = Protocol::OpenaiChat { model: "llm".into(), system_prompt: Some("Answer positive or negative.".into()), labels: vec!["positive".into(), "negative".into()] };
+    let m = model(&format!("{}/v1", server.url), protocol);
+    assert_eq!(m.predict("great film").await.unwrap(), Prediction { label: "positive".into(), score: None });
+    let (path, body) = &server.seen()[0];
+    assert_eq!(path, "/v1/chat/completions");
+    assert_eq!(body["model"], "llm");
+    assert_eq!(body["messages"][0]["role"], "system");
+    assert_eq!(body["messages"][1], serde_json::json!({"role": "user", "content": "great film"}));
+}
+
+#[tokio::test]
+async fn generic_json_endpoint() {
+    let server = Server::start(200, r#"{"prediction":{"label":"fraud","confidence":0.61}}"#);
+    let protocol = Protocol::Json { input_field: "text".into(), label_pointer: "/prediction/label".into(), score_pointer: Some("/prediction/confidence".into()) };
+    let m = model(&format!("{}/classify", server.url), protocol);
+    assert_eq!(m.predict("wire $9,000").await.unwrap(), Prediction { label: "fraud".into(), score: Some(0.61) });
+    assert_eq!(server.seen()[0], ("/classify".to_string(), serde_json::json!({"text": "wire $9,000"})));
+}
+
+#[tokio::test]
+async fn failures_are_classified() {
+    let cases: [(u16, &str, fn(&ModelError) -> bool); 5] = [
+        (503, "overloaded", |e| matches!(e, ModelError::Unavailable(_))),
+        (429, "slow down", |e| matches!(e, ModelError::Unavailable(_))),
+        (422, "bad input", |e| matches!(e, ModelError::Rejected(_))),
+        (404, "no such model", |e| matches!(e, ModelError::Misconfigured(_))),
+        (200, "<html>garbage</html>", |e| matches!(e, ModelError::BadAnswer(_))),
+    ];
+    for (status, body, expect) in cases {
+        let server = Server::start(status, body);
+        let e = model(&server.url, oip()).predict("x").await.unwrap_err();
+        assert!(expect(&e), "HTTP {status}: {e}");
+        assert!(e.to_string().contains(body), "the error quotes the server: {e}");
+    }
+    // A JSON answer without the label tensor is unusable, and says which tensor.
+    let server = Server::start(200, r#"{"outputs":[{"name":"other","data":["x"]}]}"#);
+    let e = model(&server.url, oip()).predict("x").await.unwrap_err();
+    assert!(matches!(&e, ModelError::BadAnswer(m) if m.contains("`label`")), "{e}");
+    // Nobody listening: unavailable.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let e = model(&format!("http://127.0.0.1:{port}"), oip()).predict("x").await.unwrap_err();
+    assert!(matches!(e, ModelError::Unavailable(_)), "{e}");
+}
