@@ -49,6 +49,7 @@ impl KeywordConfig {
     }
 }
 
+#[derive(Debug)]
 pub struct KeywordModel {
     config: KeywordConfig,
     /// Per label, its keywords as lower-cased words.

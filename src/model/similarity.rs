@@ -172,9 +172,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unrelated_input_is_a_tie_kept_by_the_first_label() {
-        let a = model().predict("zzzz qqqq").await.unwrap();
-        assert_eq!(a.label, "billing");
+    async fn a_tie_goes_to_the_label_declared_first() {
+        // Two labels described by the same text are equally near any input.
+        let same = |label: &str| Prototype { label: label.into(), texts: vec!["the same words".into()] };
+        let config = SimilarityConfig { id: "p".into(), version: "1".into(), labels: vec![same("second-best"), same("also")] };
+        let m = SimilarityModel::new(config, Arc::new(HashingEmbedder::new(64, 8))).unwrap();
+        assert_eq!(m.predict("the same words").await.unwrap().label, "second-best");
+        assert_eq!(m.predict("other words").await.unwrap().label, "second-best");
     }
 
     #[test]
