@@ -50,6 +50,39 @@ pub fn http_client(root: &str, ca_file: Option<&Path>, attempt_timeout: std::tim
     })
 }
 
+/// Why an HTTP request got no answer, in the classes every HTTP client here
+/// uses; each client words its own message around it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoAnswer {
+    /// The server's certificate is not trusted (unknown CA, expired, wrong
+    /// host name): a setup problem. Holds the TLS error.
+    Untrusted(String),
+    /// The request could not be built or was redirected: a setup problem.
+    /// Holds the error chain.
+    Unusable(String),
+    /// It may pass: `timed out: …`, `connection failed: …` or `request failed: …`.
+    Transient(String),
+}
+
+/// Classifies a request that got no complete HTTP answer.
+pub fn no_answer(e: &reqwest::Error) -> NoAnswer {
+    if let Some(tls) = certificate_error(e) {
+        return NoAnswer::Untrusted(tls);
+    }
+    let chain = crate::outcome::error_chain(e);
+    if e.is_builder() || e.is_redirect() {
+        return NoAnswer::Unusable(chain);
+    }
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    NoAnswer::Transient(format!("{what}: {chain}"))
+}
+
 /// The crypto provider of every TLS client in this crate: ring.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -11,7 +11,7 @@ mod common;
 
 use std::path::Path;
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type};
 use hartonomous::dead_letter;
 use hartonomous::topology;
@@ -54,27 +54,38 @@ fn compare(path: &Path, actual: &[String]) {
     assert_eq!(exp.len(), actual.len(), "{}: expected {} lines, got {}", path.display(), exp.len(), actual.len());
 }
 
+/// A column with every text type as Utf8, every integer as Int64 and every
+/// float as Float64, so that [`cell`] reads each kind one way. Cast once per
+/// column, not per cell.
+fn normalise(column: &ArrayRef) -> ArrayRef {
+    let to = match column.data_type() {
+        DataType::LargeUtf8 | DataType::Utf8View => DataType::Utf8,
+        DataType::Float32 => DataType::Float64,
+        t if t.is_integer() && *t != DataType::Int64 => DataType::Int64,
+        _ => return column.clone(),
+    };
+    arrow::compute::cast(column, &to).unwrap()
+}
+
 /// One cell as JSON; a vector (a list of floats) becomes `(norm, head)`.
 enum Cell {
     Value(Value),
     Vector { norm: String, head: Vec<String> },
 }
 
+/// Cell `i` of a [`normalise`]d column.
 fn cell(column: &dyn Array, i: usize, as_json: bool) -> Cell {
     if column.is_null(i) {
         return Cell::Value(Value::Null);
     }
     match column.data_type() {
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-            let text = arrow::compute::cast(column, &DataType::Utf8).unwrap();
-            let s = text.as_string::<i32>().value(i).to_string();
+        DataType::Utf8 => {
+            let s = column.as_string::<i32>().value(i).to_string();
             Cell::Value(if as_json { serde_json::from_str(&s).unwrap() } else { Value::String(s) })
         }
         DataType::Boolean => Cell::Value(column.as_boolean().value(i).into()),
-        DataType::Float32 | DataType::Float64 => {
-            Cell::Value(arrow::compute::cast(column, &DataType::Float64).unwrap().as_primitive::<Float64Type>().value(i).into())
-        }
-        t if t.is_integer() => Cell::Value(arrow::compute::cast(column, &DataType::Int64).unwrap().as_primitive::<Int64Type>().value(i).into()),
+        DataType::Float64 => Cell::Value(column.as_primitive::<Float64Type>().value(i).into()),
+        DataType::Int64 => Cell::Value(column.as_primitive::<Int64Type>().value(i).into()),
         DataType::List(_) => {
             let values = column.as_list::<i32>().value(i);
             let values = values.as_primitive::<Float32Type>();
@@ -98,10 +109,11 @@ async fn run_folder(folder: &Path) {
     for table in &golden.table {
         let mut rows = Vec::new();
         for b in app.store.query(&table.sql).await.unwrap() {
+            let columns: Vec<ArrayRef> = b.columns().iter().map(normalise).collect();
             for i in 0..b.num_rows() {
                 let mut row = serde_json::Map::new();
                 for (c, field) in b.schema().fields().iter().enumerate() {
-                    match cell(b.column(c).as_ref(), i, table.json.contains(field.name())) {
+                    match cell(columns[c].as_ref(), i, table.json.contains(field.name())) {
                         Cell::Value(v) => {
                             row.insert(field.name().clone(), v);
                         }

@@ -16,7 +16,6 @@
 //! [`OpenAiConfig::ca_file`]. One that does not is a setup problem
 //! ([`EmbedError::Misconfigured`]), never retried.
 
-use crate::outcome::error_chain;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::{EmbedError, Embedder};
 use crate::clock::SharedClock;
 use crate::outcome::{Classify, ErrorClass};
+use crate::tls::NoAnswer;
 use crate::resilience::{Attempted, BreakerConfig, BreakerState, CircuitBreaker, Resilient, RetryConfig};
 
 /// Configuration of an [`OpenAiEmbedder`].
@@ -408,28 +408,17 @@ impl Classify for AttemptError {
 ///   certificate that is not trusted (unknown CA, expired, wrong host name),
 ///   and a vector whose length is not the configured dimension → misconfigured.
 fn classify(answer: Answer<'_>, expected: usize, config: &OpenAiConfig) -> Result<Vec<Vec<f32>>, AttemptError> {
-    if let Answer::Transport(e) = &answer
-        && let Some(tls) = crate::tls::certificate_error(*e)
-    {
-        return Err(AttemptError::Misconfigured(format!(
-            "the TLS certificate of {} is not trusted ({tls}); set ca_file to the PEM file of the CA that \
-             signed it, or fix the service's certificate (it must name base_url's host)",
-            config.endpoint()
-        )));
-    }
     let (status, body) = match answer {
-        Answer::Transport(e) if e.is_builder() || e.is_redirect() => {
-            return Err(AttemptError::Misconfigured(format!("cannot reach {}: {}", config.endpoint(), error_chain(e))));
-        }
         Answer::Transport(e) => {
-            let what = if e.is_timeout() {
-                "timed out"
-            } else if e.is_connect() {
-                "connection failed"
-            } else {
-                "request failed"
-            };
-            return Err(AttemptError::Transient(format!("{what}: {}", error_chain(e))));
+            return Err(match crate::tls::no_answer(e) {
+                NoAnswer::Untrusted(tls) => AttemptError::Misconfigured(format!(
+                    "the TLS certificate of {} is not trusted ({tls}); set ca_file to the PEM file of the CA that \
+                     signed it, or fix the service's certificate (it must name base_url's host)",
+                    config.endpoint()
+                )),
+                NoAnswer::Unusable(why) => AttemptError::Misconfigured(format!("cannot reach {}: {why}", config.endpoint())),
+                NoAnswer::Transient(what) => AttemptError::Transient(what),
+            });
         }
         Answer::Http { status, body } => (status, body),
     };

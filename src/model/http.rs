@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Model, ModelError, Prediction};
-use crate::outcome::error_chain;
+use crate::tls::NoAnswer;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,7 +37,7 @@ pub struct HttpModelConfig {
     /// The id requests and ensembles use.
     pub id: String,
     /// Recorded with every output; outputs are coalesced within one version.
-    #[serde(default = "v1")]
+    #[serde(default = "super::default_version")]
     pub version: String,
     /// Root of the server (`openai-chat`, `oip-v2`) or the full URL (`json`).
     pub base_url: String,
@@ -51,10 +51,6 @@ pub struct HttpModelConfig {
     #[serde(default = "thirty_s")]
     pub attempt_timeout_ms: u64,
     pub protocol: Protocol,
-}
-
-fn v1() -> String {
-    "1".into()
 }
 
 fn thirty_s() -> u64 {
@@ -206,20 +202,11 @@ impl HttpModel {
     }
 
     fn transport(&self, e: &reqwest::Error) -> ModelError {
-        if let Some(tls) = crate::tls::certificate_error(e) {
-            return ModelError::Misconfigured(format!("the TLS certificate of {} is not trusted ({tls}); set ca_file", self.endpoint));
+        match crate::tls::no_answer(e) {
+            NoAnswer::Untrusted(tls) => ModelError::Misconfigured(format!("the TLS certificate of {} is not trusted ({tls}); set ca_file", self.endpoint)),
+            NoAnswer::Unusable(why) => ModelError::Misconfigured(format!("cannot reach {}: {why}", self.endpoint)),
+            NoAnswer::Transient(what) => ModelError::Unavailable(format!("{}: {what}", self.endpoint)),
         }
-        if e.is_builder() || e.is_redirect() {
-            return ModelError::Misconfigured(format!("cannot reach {}: {}", self.endpoint, error_chain(e)));
-        }
-        let what = if e.is_timeout() {
-            "timed out"
-        } else if e.is_connect() {
-            "connection failed"
-        } else {
-            "request failed"
-        };
-        ModelError::Unavailable(format!("{}: {what}: {}", self.endpoint, error_chain(e)))
     }
 }
 

@@ -16,15 +16,11 @@ use super::{Model, ModelError, Prediction};
 #[serde(deny_unknown_fields)]
 pub struct KeywordConfig {
     pub id: String,
-    #[serde(default = "v1")]
+    #[serde(default = "super::default_version")]
     pub version: String,
     pub default_label: String,
     /// Labels in declaration order (the tie-breaker).
     pub labels: Vec<KeywordLabel>,
-}
-
-fn v1() -> String {
-    "1".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -34,6 +34,11 @@ pub trait Model: Send + Sync + 'static {
     fn predict<'a>(&'a self, input: &'a str) -> BoxFuture<'a, Result<Prediction, ModelError>>;
 }
 
+/// The version a model configuration gets when it names none.
+pub(crate) fn default_version() -> String {
+    "1".into()
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
     /// The model could not be reached or answered with a server error; another

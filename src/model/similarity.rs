@@ -21,14 +21,10 @@ use crate::embed::{EmbedError, Embedder};
 #[serde(deny_unknown_fields)]
 pub struct SimilarityConfig {
     pub id: String,
-    #[serde(default = "v1")]
+    #[serde(default = "super::default_version")]
     pub version: String,
     /// Labels in declaration order (the tie-breaker).
     pub labels: Vec<Prototype>,
-}
-
-fn v1() -> String {
-    "1".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

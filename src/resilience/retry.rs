@@ -197,16 +197,7 @@ mod tests {
     /// Drives a resilient call on a manual clock: each time the call is waiting,
     /// time jumps forward by one second. No real sleeping happens.
     async fn drive<T: Send + 'static>(clock: &ManualClock, fut: impl Future<Output = T> + Send + 'static) -> T {
-        let handle = tokio::spawn(fut);
-        loop {
-            for _ in 0..10 {
-                tokio::task::yield_now().await;
-            }
-            if handle.is_finished() {
-                return handle.await.unwrap();
-            }
-            clock.advance(Duration::from_secs(1));
-        }
+        clock.drive(Duration::from_secs(1), fut).await
     }
 
     #[tokio::test]

@@ -138,10 +138,45 @@ pub struct Invoker {
     quota: Arc<Semaphore>,
     /// Recent answer times of successful attempts (at most [`LATENCY_SAMPLES`]).
     latencies: Mutex<VecDeque<i64>>,
-    /// Calls in flight or recently answered, by input digest, with the time
-    /// they answered (None while in flight).
-    recent: Mutex<HashMap<[u8; 32], (SharedCall, Option<i64>)>>,
+    /// Calls in flight or recently answered (see [`Recent`]).
+    recent: Mutex<Recent>,
     pub stats: CallStats,
+}
+
+/// Calls in flight or recently answered, by input digest, with the time
+/// they answered (None while in flight), and the answered ones in answer
+/// order, so forgetting expired answers costs nothing per call but the
+/// expired ones themselves.
+#[derive(Default)]
+struct Recent {
+    calls: HashMap<[u8; 32], (SharedCall, Option<i64>)>,
+    answered: VecDeque<(i64, [u8; 32])>,
+}
+
+impl Recent {
+    /// Forgets the answered calls whose answer time is before `cutoff`.
+    fn forget_before(&mut self, cutoff: i64) {
+        while self.answered.front().is_some_and(|&(t, _)| t < cutoff) {
+            self.forget_oldest();
+        }
+    }
+
+    /// Forgets the call answered first, if any.
+    fn forget_oldest(&mut self) {
+        if let Some((t, key)) = self.answered.pop_front()
+            // The same input may have been called again since; keep that one.
+            && self.calls.get(&key).is_some_and(|(_, done)| *done == Some(t))
+        {
+            self.calls.remove(&key);
+        }
+    }
+
+    fn answered(&mut self, key: [u8; 32], at: i64) {
+        if let Some(entry) = self.calls.get_mut(&key) {
+            entry.1 = Some(at);
+            self.answered.push_back((at, key));
+        }
+    }
 }
 
 const LATENCY_SAMPLES: usize = 256;
@@ -159,7 +194,7 @@ impl Invoker {
             resilient,
             clock,
             latencies: Mutex::new(VecDeque::new()),
-            recent: Mutex::new(HashMap::new()),
+            recent: Mutex::new(Recent::default()),
             stats: CallStats::default(),
         })
     }
@@ -210,27 +245,24 @@ impl Invoker {
             let window = self.policy.coalesce_ms as i64;
             // Answers older than the window are forgotten; with a window of
             // 0 only calls still in flight are shared.
-            recent.retain(|_, (_, done)| done.is_none_or(|t| now - t < window));
-            match recent.get(&key) {
+            recent.forget_before(now - window + 1);
+            match recent.calls.get(&key) {
                 Some((call, _)) => (call.clone(), true),
                 None => {
-                    if recent.len() >= COALESCE_CAPACITY
-                        && let Some(oldest) = recent.iter().filter_map(|(k, (_, d))| d.map(|d| (d, *k))).min().map(|(_, k)| k)
-                    {
-                        recent.remove(&oldest);
+                    if recent.calls.len() >= COALESCE_CAPACITY {
+                        recent.forget_oldest();
                     }
                     let me = self.clone();
                     let input = input.to_string();
                     let call = async move {
                         let out = me.call(&input).await;
-                        if let Some(entry) = me.recent.lock().unwrap().get_mut(&key) {
-                            entry.1 = Some(me.clock.now_ms());
-                        }
+                        let at = me.clock.now_ms();
+                        me.recent.lock().unwrap().answered(key, at);
                         out
                     }
                     .boxed()
                     .shared();
-                    recent.insert(key, (call.clone(), None));
+                    recent.calls.insert(key, (call.clone(), None));
                     (call, false)
                 }
             }
@@ -387,19 +419,9 @@ mod tests {
         }
     }
 
-    /// Runs `fut` while moving the manual clock 10 ms at a time whenever
-    /// nothing else can run: time passes only on the injected clock.
+    /// Time passes only on the injected clock, 10 ms at a time.
     async fn drive<T: Send + 'static>(clock: &ManualClock, fut: impl std::future::Future<Output = T> + Send + 'static) -> T {
-        let handle = tokio::spawn(fut);
-        loop {
-            for _ in 0..20 {
-                tokio::task::yield_now().await;
-            }
-            if handle.is_finished() {
-                return handle.await.unwrap();
-            }
-            clock.advance(Duration::from_millis(10));
-        }
+        clock.drive(Duration::from_millis(10), fut).await
     }
 
     #[tokio::test]
@@ -495,6 +517,24 @@ mod tests {
         let i = inv.clone();
         drive(&clock, async move { i.invoke("same").await }).await;
         assert_eq!(model.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn expired_answers_are_forgotten_oldest_first_and_a_new_call_of_the_same_input_is_kept() {
+        let call = || futures::future::ready(Invocation { outcome: Err("x".into()), latency_ms: 0, attempts: 1, hedged: false, coalesced: false, fatal: false }).boxed().shared();
+        let mut r = Recent::default();
+        for (k, t) in [(1u8, 10), (2, 20), (3, 30)] {
+            r.calls.insert([k; 32], (call(), None));
+            r.answered([k; 32], t);
+        }
+        // Input 1 is called again (after its answer expired from another path).
+        r.calls.insert([1; 32], (call(), None));
+        r.forget_before(25);
+        assert!(r.calls.contains_key(&[1; 32]), "the new call of input 1 stays");
+        assert!(!r.calls.contains_key(&[2; 32]) && r.calls.contains_key(&[3; 32]));
+        r.forget_oldest();
+        assert!(!r.calls.contains_key(&[3; 32]));
+        assert_eq!(r.calls.len(), 1);
     }
 
     #[tokio::test]
