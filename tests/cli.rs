@@ -151,6 +151,37 @@ fn topology_validate_names_file_field_and_fix() {
 }
 
 #[test]
+fn topology_takes_a_bundled_name_or_a_declaration_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundled = concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/atom-ingestion.toml");
+    assert!(ok(hartonomous(dir.path(), &["topology", "list"])).contains("atom-ingestion"));
+    assert!(ok(hartonomous(dir.path(), &["topology", "show", "atom-ingestion"])).contains("publish"));
+
+    // An edited copy without the embed stage runs from its path.
+    let input = dir.path().join("in.jsonl");
+    let line = |i: usize| serde_json::json!({"content_type": "text/plain", "content": format!("text {i}"), "metadata": {}, "source_system": "cli", "correlation_id": format!("c{i}")}).to_string();
+    std::fs::write(&input, (0..20).map(|i| line(i) + "\n").collect::<String>()).unwrap();
+    let edited = dir.path().join("no-embed.toml");
+    std::fs::write(&edited, std::fs::read_to_string(bundled).unwrap().replace("[[stage]]\nname = \"embed\"\nconcurrency = 2\n", "")).unwrap();
+    let out = ok(hartonomous(&dir.path().join("data"), &["run", "--topology", edited.to_str().unwrap(), "--input", input.to_str().unwrap()]));
+    assert_eq!(summary_number(&out, "atoms stored"), 20, "{out}");
+    assert_eq!(summary_number(&out, "embedding calls"), 0, "{out}");
+
+    // Neither a bundled name nor a file: the error says what --topology takes.
+    let out = hartonomous(dir.path(), &["run", "--topology", "atom-ingestoin", "--input", input.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--topology") && err.contains("atom-ingestion") && err.contains("declaration file"), "{err}");
+
+    // A misspelt stage setting names the file, the stage entry and the setting.
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, std::fs::read_to_string(bundled).unwrap().replace("max_content_bytes", "max_content_byte")).unwrap();
+    let out = hartonomous(dir.path(), &["topology", "validate", typo.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("typo.toml") && err.contains("stage[1]") && err.contains("max_content_byte"), "{err}");
+}
+
+#[test]
 fn a_bad_profile_is_refused_before_anything_runs() {
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("p.toml");

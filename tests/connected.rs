@@ -789,7 +789,19 @@ async fn outage(name: &str, services_down: &[(&str, Duration, Duration)]) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     producer.await.unwrap();
-    wait_for(&format!("{name}: everything stored after the outage"), Duration::from_secs(300), || s.stored_everything(&w.expected)).await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !s.stored_everything(&w.expected).await {
+        if Instant::now() > deadline {
+            let (atoms, arrivals) = (s.atoms_final().await, s.arrivals_final().await);
+            panic!(
+                "{name}: 300 s after the outage, {atoms} of {} atoms and {arrivals} of {} arrivals are stored; the processor's log ends:\n{}",
+                w.expected.hashes.len(),
+                w.expected.accepted.len(),
+                s.tail("p")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
     let status = terminate(&mut child);
     assert!(status.success(), "{name}: {status}\n{}", s.tail("p"));
