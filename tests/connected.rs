@@ -844,7 +844,12 @@ async fn a_second_instance_joins_mid_stream_and_is_killed_without_loss() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let s = Setup::new("scale", 4, |t| t).await;
     let w = Workload::new("scale", 6_000, 600, 40);
-    let producer = s.produce_continuously(w.inputs.clone(), 300, Duration::from_millis(300));
+    // Half the stream goes in before b joins and half after, so that b has
+    // work to take however long the rebalance lasts (once, `a` had stored
+    // nearly everything before tansu finished it, and no progress was left
+    // to wait for).
+    let (early, late) = w.inputs.split_at(w.inputs.len() / 2);
+    let producer = s.produce_continuously(early.to_vec(), 300, Duration::from_millis(300));
     let mut a = s.spawn("a", &[]);
     wait_for("some progress by a", Duration::from_secs(90), || async { s.arrivals_final().await > 500 }).await;
     let mut b = s.spawn("b", &[]);
@@ -854,7 +859,9 @@ async fn a_second_instance_joins_mid_stream_and_is_killed_without_loss() {
         s.log("b").lines().any(|l| l.contains("partitions assigned") && l.contains("TopicPartition"))
     })
     .await;
+    producer.await.unwrap();
     let before = s.arrivals_final().await;
+    let producer = s.produce_continuously(late.to_vec(), 300, Duration::from_millis(300));
     wait_for("progress with two instances", Duration::from_secs(90), || async { s.arrivals_final().await > before + 300 }).await;
     kill9(&mut b);
     step("b killed");
