@@ -14,9 +14,9 @@ use crate::embed::openai::OpenAiEmbedder;
 use crate::flow::Metrics;
 use crate::flow::runner::Until;
 use crate::log::embedded::EmbeddedLog;
-use crate::log::kafka::{KafkaConsumer, KafkaProducer, ensure_topics};
+use crate::log::kafka::{KafkaConsumer, KafkaProducer, KafkaScanner, ensure_topics};
 use crate::record::OutgoingRecord;
-use crate::store::AtomStore;
+use crate::store::{AtomStore, InferenceStore};
 use crate::store::clickhouse::ClickHouseStore;
 use crate::store::embedded::EmbeddedStore;
 pub use crate::topology::Summary;
@@ -55,6 +55,9 @@ impl Embedded {
     pub async fn run_to_end(&self, spec: &TopologySpec, records: Vec<OutgoingRecord>) -> anyhow::Result<Summary> {
         self.register_schemas(spec)?;
         self.log.create_topic(&spec.source.topic, spec.source.partitions);
+        for (topic, _schema) in spec.topology()?.outputs(spec) {
+            self.log.create_topic(&topic, spec.source.partitions);
+        }
         for r in records {
             self.log.append(r);
         }
@@ -63,6 +66,8 @@ impl Embedded {
             producer: Arc::new(self.log.producer()),
             registry: self.registry.clone(),
             store: self.store.clone(),
+            inference: self.store.clone(),
+            scan: Arc::new(self.log.clone()),
             embedder: self.embedder.clone(),
             clock: self.clock.clone(),
             metrics: metrics.clone(),
@@ -71,6 +76,24 @@ impl Embedded {
         let consumer = self.log.consumer(&spec.group(), &[spec.source.topic.as_str()]);
         let report = topology::run(spec, &deps, consumer, Until::Drained, std::future::pending()).await?;
         Ok(Summary::new(&spec.name, &metrics, report))
+    }
+}
+
+impl Embedded {
+    /// [`run_to_end`](Self::run_to_end), then every bundled topology that
+    /// reads what it wrote (such as `inference-compensation` after
+    /// `ensemble-inference`), each until drained, since the embedded log
+    /// lives only as long as this process. Summaries in the order run.
+    pub async fn run_chain_to_end(&self, spec: &TopologySpec, records: Vec<OutgoingRecord>) -> anyhow::Result<Vec<Summary>> {
+        let mut summaries = vec![self.run_to_end(spec, records).await?];
+        let outputs: Vec<String> = spec.topology()?.outputs(spec).into_iter().map(|(t, _)| t).collect();
+        for t in topology::TOPOLOGIES {
+            let next = topology::bundled(t.name())?;
+            if next.name != spec.name && outputs.contains(&next.source.topic) {
+                summaries.push(self.run_to_end(&next, Vec::new()).await?);
+            }
+        }
+        Ok(summaries)
     }
 }
 
@@ -99,16 +122,21 @@ pub async fn open_registry(profile: &Profile, topic: &str, name: &str) -> anyhow
     }
 }
 
-/// Opens the profile's store; ClickHouse is migrated first when configured.
-pub async fn open_store(profile: &Profile) -> anyhow::Result<Arc<dyn AtomStore>> {
+/// Opens the profile's store, as both contracts it serves; ClickHouse is
+/// migrated first when configured.
+pub async fn open_store(profile: &Profile) -> anyhow::Result<(Arc<dyn AtomStore>, Arc<dyn InferenceStore>)> {
     Ok(match &profile.store {
         StoreProfile::Embedded(_) => {
             let dir = profile.data_dir();
             crate::config::create_private_dir(dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
-            Arc::new(EmbeddedStore::open(dir)?)
+            let store = Arc::new(EmbeddedStore::open(dir)?);
+            (store.clone(), store)
         }
         // `connect` applies the DDL itself when `migrate_on_start` is set.
-        StoreProfile::Clickhouse(c) => Arc::new(ClickHouseStore::connect(c.clone()).await?),
+        StoreProfile::Clickhouse(c) => {
+            let store = Arc::new(ClickHouseStore::connect(c.clone()).await?);
+            (store.clone(), store)
+        }
     })
 }
 
@@ -120,7 +148,7 @@ pub async fn run_kafka(profile: &Profile, spec: &TopologySpec, shutdown: impl st
     };
     let clock = crate::clock::system();
     let registry = open_registry(profile, &spec.source.topic, &spec.source.schema).await?;
-    let store = open_store(profile).await?;
+    let (store, inference) = open_store(profile).await?;
     let embedder = build_embedder(&profile.embedder, clock.clone())?;
     if kafka.create_topics {
         let mut topics = vec![(spec.source.topic.clone(), spec.source.partitions), (spec.dead_letter.topic.clone(), spec.source.partitions)];
@@ -135,6 +163,8 @@ pub async fn run_kafka(profile: &Profile, spec: &TopologySpec, shutdown: impl st
         producer: Arc::new(KafkaProducer::new(kafka)?),
         registry,
         store,
+        inference,
+        scan: Arc::new(KafkaScanner::new(kafka)),
         embedder,
         clock,
         metrics: metrics.clone(),

@@ -13,6 +13,8 @@
 //! | `publish.after_ack` | after the broker acknowledged a window's events, before the offsets are marked done |
 //! | `dead_letter.after_write` | after a window's dead letters are acknowledged, before its offsets are marked done |
 //! | `commit.before` | just before offsets are committed |
+//! | `announce.before_send` | compensation: step 2 (`announcing`) recorded, `InferenceCompensated` not sent |
+//! | `announce.after_send` | compensation: `InferenceCompensated` acknowledged, step 3 not recorded |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +23,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const ENV: &str = "HARTONOMOUS_FAILPOINT";
 
 /// Every failpoint, so that a typo in a test fails loudly instead of never firing.
-pub const NAMES: &[&str] = &["persist.after_insert", "persist.after_arrivals", "publish.after_ack", "dead_letter.after_write", "commit.before"];
+pub const NAMES: &[&str] = &[
+    "persist.after_insert",
+    "persist.after_arrivals",
+    "publish.after_ack",
+    "dead_letter.after_write",
+    "commit.before",
+    "announce.before_send",
+    "announce.after_send",
+];
 
 struct Armed {
     name: String,
@@ -54,4 +64,26 @@ pub fn hit(name: &'static str) {
         eprintln!("failpoint {name} (pass {}): aborting", a.at);
         std::process::abort();
     }
+}
+
+/// The environment variable that makes a store write refuse chosen rows, as a
+/// store that rejects a row would: `HARTONOMOUS_REFUSE=<point>:<text>` refuses
+/// at `<point>` every row whose key contains `<text>` (for the saga tests;
+/// only tests set it). Points: `persist.result` (an inference result row,
+/// keyed by correlation id).
+pub const REFUSE_ENV: &str = "HARTONOMOUS_REFUSE";
+
+/// Every refusal point.
+pub const REFUSALS: &[&str] = &["persist.result"];
+
+/// Whether the write at `point` of the row keyed `key` is to be refused.
+pub fn refuses(point: &'static str, key: &str) -> bool {
+    static ARMED: OnceLock<Option<(String, String)>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        let spec = std::env::var(REFUSE_ENV).ok()?;
+        let (name, text) = spec.split_once(':').unwrap_or_else(|| panic!("{REFUSE_ENV}={spec}: use <point>:<text>"));
+        assert!(REFUSALS.contains(&name), "{REFUSE_ENV}={spec}: unknown point `{name}`; known: {REFUSALS:?}");
+        Some((name.to_string(), text.to_string()))
+    });
+    armed.as_ref().is_some_and(|(name, text)| name == point && key.contains(text.as_str()))
 }

@@ -1,6 +1,7 @@
 //! Hartonomous: Kafka/Avro stream processing into ClickHouse, with an
 //! embedded default that needs no servers.
 pub mod atom;
+pub mod inference;
 pub mod clock;
 pub mod embed;
 pub mod model;

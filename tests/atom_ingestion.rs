@@ -331,6 +331,8 @@ async fn a_commit_never_passes_an_unacknowledged_dead_letter() {
         producer: Arc::new(GatedProducer { inner: app.log.producer(), hold_offset: "5".into(), gate }),
         registry: app.registry.clone(),
         store: app.store.clone(),
+        inference: app.store.clone(),
+        scan: Arc::new(app.log.clone()),
         embedder: app.embedder.clone(),
         clock: app.clock.clone(),
         metrics: metrics.clone(),

@@ -120,6 +120,8 @@ impl Run {
             producer: Arc::new(KafkaProducer::new(&self.config).unwrap()),
             registry: self.registry.clone(),
             store,
+            inference: self.store.clone(),
+            scan: Arc::new(hartonomous::log::kafka::KafkaScanner::new(&self.config)),
             embedder: Arc::new(HashingEmbedder::new(16, 256)),
             clock: hartonomous::clock::system(),
             metrics: Arc::new(Metrics::default()),

@@ -333,6 +333,8 @@ async fn run_with(
         producer: Arc::new(app.log.producer()),
         registry,
         store: app.store.clone(),
+        inference: app.store.clone(),
+        scan: Arc::new(app.log.clone()),
         embedder: app.embedder.clone(),
         clock: app.clock.clone(),
         metrics: metrics.clone(),

@@ -3,7 +3,9 @@
 //! expected content of every output a user sees: the store's tables, each
 //! output topic of the topology and the dead-letter topic. The input runs
 //! through the bundled declaration on the embedded default. Times that come
-//! from the clock are left out; everything else is compared. Run with
+//! from the clock are left out; everything else is compared. The bundled
+//! topologies that read what the topology wrote run after it and are
+//! compared the same way (`inference-compensation` after `ensemble-inference`). Run with
 //! `UPDATE_GOLDEN=1` to rewrite the expected files after an intended change,
 //! and review the diff. A new topology needs only a new folder.
 
@@ -23,7 +25,7 @@ use serde_json::{Value, json};
 struct Golden {
     topology: String,
     input: String,
-    /// Event fields that come from the clock.
+    /// Event fields that come from the clock (at any depth).
     #[serde(default)]
     volatile: Vec<String>,
     #[serde(default)]
@@ -96,6 +98,20 @@ fn cell(column: &dyn Array, i: usize, as_json: bool) -> Cell {
     }
 }
 
+/// Removes `fields` from `v` and from every object nested in it.
+fn drop_fields(v: &mut Value, fields: &[String]) {
+    match v {
+        Value::Object(o) => {
+            for f in fields {
+                o.remove(f);
+            }
+            o.values_mut().for_each(|x| drop_fields(x, fields));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| drop_fields(x, fields)),
+        _ => {}
+    }
+}
+
 async fn run_folder(folder: &Path) {
     let golden: Golden = toml::from_str(&std::fs::read_to_string(folder.join("golden.toml")).unwrap()).unwrap();
     let name = folder.file_name().unwrap().to_str().unwrap();
@@ -104,7 +120,9 @@ async fn run_folder(folder: &Path) {
     let app = hartonomous::app::Embedded::open(&common::profile(dir.path()), hartonomous::clock::system()).unwrap();
     let spec = topology::bundled(&golden.topology).unwrap();
     let input = hartonomous::input::read(&folder.join(&golden.input), &spec.source.topic).unwrap();
-    app.run_to_end(&spec, input).await.unwrap();
+    // The topologies that read what this one wrote run after it (as
+    // `run --input` does), and their outputs are compared too.
+    let chain: Vec<_> = app.run_chain_to_end(&spec, input).await.unwrap().iter().map(|s| topology::bundled(&s.topology).unwrap()).collect();
 
     for table in &golden.table {
         let mut rows = Vec::new();
@@ -130,15 +148,13 @@ async fn run_folder(folder: &Path) {
         compare(&folder.join(&table.file), &rows);
     }
 
-    for (topic, schema) in spec.topology().unwrap().outputs(&spec) {
+    for (topic, schema) in chain.iter().flat_map(|spec| spec.topology().unwrap().outputs(spec)) {
         let reader = &hartonomous::avro::Schemas::current(&schema).unwrap().schema;
         let mut events = Vec::new();
         for r in app.log.records(&topic) {
             let (_, v) = hartonomous::avro::decode_message(app.registry.as_ref(), reader, &r.payload).await.unwrap();
             let mut e = hartonomous::avro::avro_to_json(&v);
-            for field in &golden.volatile {
-                e.as_object_mut().unwrap().remove(field);
-            }
+            drop_fields(&mut e, &golden.volatile);
             e["key"] = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into();
             events.push(e.to_string());
         }

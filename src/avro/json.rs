@@ -760,7 +760,7 @@ mod tests {
         let value = json_to_avro(&json, &req).unwrap();
         assert!(value.validate(&req));
         let Value::Record(fields) = &value else { panic!() };
-        assert_eq!(fields[3].1, Value::Enum(4, "QUORUM".into()));
+        assert_eq!(fields[3].1, Value::Union(1, Box::new(Value::Enum(4, "QUORUM".into()))));
         assert_eq!(fields[7], ("timeout_ms".into(), Value::Union(0, Box::new(Value::Null))));
 
         let mut bad = json.clone();

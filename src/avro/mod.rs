@@ -74,6 +74,12 @@ pub const DEAD_LETTER: &str = "DeadLetter";
 pub const INFERENCE_REQUEST: &str = "InferenceRequest";
 /// Name of the ensemble-inference result schema.
 pub const INFERENCE_RESULT: &str = "InferenceResult";
+/// Name of one model's answer, published as a partial result.
+pub const MODEL_OUTPUT: &str = "ModelOutput";
+/// Name of the saga's compensation event.
+pub const INFERENCE_COMPENSATION: &str = "InferenceCompensation";
+/// Name of the answer to a compensated inference request.
+pub const INFERENCE_COMPENSATED: &str = "InferenceCompensated";
 
 /// Every bundled schema file: (name, version, source). Versions of one name
 /// are listed in increasing order.
@@ -84,7 +90,11 @@ const BUNDLED: &[(&str, u32, &str)] = &[
     (ATOM_INGESTED, 2, include_str!("../../schemas/avro/AtomIngested.v2.avsc")),
     (DEAD_LETTER, 1, include_str!("../../schemas/avro/DeadLetter.v1.avsc")),
     (INFERENCE_REQUEST, 1, include_str!("../../schemas/avro/InferenceRequest.v1.avsc")),
+    (INFERENCE_REQUEST, 2, include_str!("../../schemas/avro/InferenceRequest.v2.avsc")),
     (INFERENCE_RESULT, 1, include_str!("../../schemas/avro/InferenceResult.v1.avsc")),
+    (MODEL_OUTPUT, 1, include_str!("../../schemas/avro/ModelOutput.v1.avsc")),
+    (INFERENCE_COMPENSATION, 1, include_str!("../../schemas/avro/InferenceCompensation.v1.avsc")),
+    (INFERENCE_COMPENSATED, 1, include_str!("../../schemas/avro/InferenceCompensated.v1.avsc")),
 ];
 
 /// One version of a bundled schema.
@@ -168,8 +178,11 @@ mod tests {
                 ATOM_INGESTED,
                 ATOM_INGESTION_REQUEST,
                 DEAD_LETTER,
+                INFERENCE_COMPENSATED,
+                INFERENCE_COMPENSATION,
                 INFERENCE_REQUEST,
-                INFERENCE_RESULT
+                INFERENCE_RESULT,
+                MODEL_OUTPUT
             ]
         );
         for name in Schemas::names() {
@@ -192,7 +205,8 @@ mod tests {
         assert!(Schemas::versions("NoSuchSchema").is_none());
         assert!(Schemas::current("NoSuchSchema").is_none());
         assert_eq!(Schemas::current(ATOM_INGESTED).unwrap().version, 2);
-        for name in [DEAD_LETTER, INFERENCE_REQUEST, INFERENCE_RESULT] {
+        assert_eq!(Schemas::current(INFERENCE_REQUEST).unwrap().version, 2);
+        for name in [DEAD_LETTER, INFERENCE_RESULT, MODEL_OUTPUT, INFERENCE_COMPENSATION, INFERENCE_COMPENSATED] {
             assert_eq!(Schemas::current(name).unwrap().version, 1);
         }
     }

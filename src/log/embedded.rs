@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
-use super::{LogConsumer, LogError, LogProducer, PartitionPosition, PollLimit};
+use super::{LogConsumer, LogError, LogProducer, LogScan, PartitionPosition, PollLimit};
 use crate::clock::SharedClock;
 use crate::record::{OutgoingRecord, Position, Record, TopicPartition};
 
@@ -107,6 +107,30 @@ impl EmbeddedLog {
             }
         }
         EmbeddedConsumer { log: self.clone(), group: group.to_string(), next, paused: BTreeSet::new(), cursor: 0 }
+    }
+}
+
+impl LogScan for EmbeddedLog {
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<i32, LogError>> {
+        let n = EmbeddedLog::partitions(self, topic);
+        Box::pin(async move { n.ok_or_else(|| LogError::Fatal(format!("topic {topic} does not exist"))) })
+    }
+
+    fn end_offset<'a>(&'a self, tp: &'a TopicPartition) -> BoxFuture<'a, Result<i64, LogError>> {
+        let s = self.inner.state.lock().unwrap();
+        let end = s.topics.get(tp.topic.as_ref()).and_then(|ps| ps.get(tp.partition.max(0) as usize)).map_or(0, |p| p.len() as i64);
+        Box::pin(async move { Ok(end) })
+    }
+
+    fn read_from<'a>(&'a self, tp: &'a TopicPartition, from: i64) -> BoxFuture<'a, Result<Vec<Record>, LogError>> {
+        let s = self.inner.state.lock().unwrap();
+        let records = s
+            .topics
+            .get(tp.topic.as_ref())
+            .and_then(|ps| ps.get(tp.partition.max(0) as usize))
+            .map(|p| p.iter().skip(from.max(0) as usize).cloned().collect())
+            .unwrap_or_default();
+        Box::pin(async move { Ok(records) })
     }
 }
 

@@ -99,6 +99,20 @@ pub trait LogProducer: Send + Sync + 'static {
     fn send(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<Position, LogError>>;
 }
 
+/// Reading one partition directly, outside any consumer group, for a stage
+/// that must see what it wrote before a crash (the compensation consumer
+/// looks for its own announcement before sending it again).
+pub trait LogScan: Send + Sync + 'static {
+    /// Partitions of `topic` (an error if it does not exist).
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<i32, LogError>>;
+    /// An offset at or below the one the next record written to `tp` gets
+    /// (exact on Kafka; lower on tansu, whose high watermark lags, which
+    /// only makes a later [`read_from`](Self::read_from) read more).
+    fn end_offset<'a>(&'a self, tp: &'a TopicPartition) -> BoxFuture<'a, Result<i64, LogError>>;
+    /// Every record of `tp` from offset `from` to the end of what is stored.
+    fn read_from<'a>(&'a self, tp: &'a TopicPartition, from: i64) -> BoxFuture<'a, Result<Vec<Record>, LogError>>;
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
     #[error("broker temporarily unavailable: {0}")]

@@ -25,6 +25,15 @@ pub struct RetryConfig {
     pub attempt_timeout_ms: u64,
 }
 
+impl RetryConfig {
+    /// Retries without end (with the default backoff): for sinks and
+    /// outputs, where an outage must become backpressure, never data loss.
+    /// Also the serde default of such settings.
+    pub fn forever() -> Self {
+        Self { max_attempts: 0, ..Self::default() }
+    }
+}
+
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {

@@ -13,6 +13,28 @@ use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePositi
 use crate::outcome::{Classify, ErrorClass};
 
 pub use crate::dead_letter::{DeadLetterArchive, DeadLetterRow};
+use crate::inference::{CompensationRow, OutputRow, ResultRow, Retracted};
+
+/// The ensemble-inference store contract: results, every model's output,
+/// and the state of compensations. Every write is idempotent by key (the
+/// request's source position, plus the model id for outputs): writing a
+/// row again changes nothing, and a row with a higher `version` replaces a
+/// lower one (a retraction, `deleted = 1`, is version 2; live rows are 1).
+/// When a call returns `Ok` its rows are durable.
+///
+/// - `retract` writes the retraction of the result and of the outputs of
+///   `models` for the request at `position`, and says how many of those were
+///   live before (so a repeated retraction reports what the first one did
+///   only if nothing was retracted in between: callers keep the first
+///   report, see `inference_compensations`).
+/// - `compensations` returns the furthest recorded step per position.
+pub trait InferenceStore: Send + Sync + 'static {
+    fn insert_outputs<'a>(&'a self, rows: &'a [OutputRow]) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn insert_results<'a>(&'a self, rows: &'a [ResultRow]) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String]) -> BoxFuture<'a, Result<Retracted, StoreError>>;
+    fn compensations<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, CompensationRow>, StoreError>>;
+    fn record_compensations<'a>(&'a self, rows: &'a [CompensationRow]) -> BoxFuture<'a, Result<(), StoreError>>;
+}
 
 /// What an insert did. `inserted + already_present` equals the rows given.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

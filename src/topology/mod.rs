@@ -4,6 +4,8 @@
 //! of its stage graph ([`Pipeline`]) and the runner does the rest.
 
 pub mod atom_ingestion;
+pub mod decode;
+pub mod emit;
 pub mod ensemble_inference;
 pub mod spec;
 pub mod summary;
@@ -25,15 +27,16 @@ use crate::embed::Embedder;
 use crate::flow::runner::{self, DeadLetterSink, RunConfig, RunError, RunReport, Until};
 use crate::flow::stage::StageContext;
 use crate::flow::{Batch, Metrics};
-use crate::log::{LogConsumer, LogProducer};
+use crate::log::{LogConsumer, LogProducer, LogScan};
 use crate::outcome::Fatal;
 use crate::resilience::{Breakers, RetryConfig};
-use crate::store::AtomStore;
+use crate::store::{AtomStore, InferenceStore};
 use spec::{StageRule, TopologySpec};
 
 /// Every topology this binary runs. Adding one is a folder under
 /// `src/topology/`, a declaration in `topologies/`, and a line here.
-pub static TOPOLOGIES: &[&dyn Topology] = &[&atom_ingestion::AtomIngestion];
+pub static TOPOLOGIES: &[&dyn Topology] =
+    &[&atom_ingestion::AtomIngestion, &ensemble_inference::EnsembleInference, &ensemble_inference::compensation::TOPOLOGY];
 
 /// One kind of topology: what its declaration may say and how its stages are
 /// wired. The common part of a declaration (source, dead letters, window,
@@ -82,6 +85,10 @@ pub struct Deps {
     pub producer: Arc<dyn LogProducer>,
     pub registry: Arc<dyn SchemaRegistry>,
     pub store: Arc<dyn AtomStore>,
+    /// The same store, as the ensemble-inference tables.
+    pub inference: Arc<dyn InferenceStore>,
+    /// Reads a partition back (the compensation consumer's exactly-once check).
+    pub scan: Arc<dyn LogScan>,
     pub embedder: Arc<dyn Embedder>,
     pub clock: SharedClock,
     pub metrics: Arc<Metrics>,
@@ -133,7 +140,7 @@ pub async fn run<C: LogConsumer>(
     let dlq = DeadLetterSink {
         producer: deps.producer.clone(),
         archive: spec.dead_letter.archive.then(|| deps.store.clone() as Arc<dyn DeadLetterArchive>),
-        retry: RetryConfig { max_attempts: 0, ..RetryConfig::default() },
+        retry: RetryConfig::forever(),
     };
     let cfg = RunConfig {
         topology: spec.name.clone(),

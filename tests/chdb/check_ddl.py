@@ -551,7 +551,20 @@ def table_names(engine: Engine, db: str) -> list[str]:
 
 
 EXPECTED_TABLES = sorted(
-    ["hartonomous_migrations", "atoms", "dead_letters", "atoms_per_source_hour", "atoms_per_source_hour_mv", "atom_arrivals"]
+    [
+        "hartonomous_migrations",
+        "atoms",
+        "dead_letters",
+        "atoms_per_source_hour",
+        "atoms_per_source_hour_mv",
+        "atom_arrivals",
+        # ensemble inference (006-008)
+        "inference_results",
+        "model_outputs",
+        "inference_results_live",
+        "model_outputs_live",
+        "inference_compensations",
+    ]
 )
 
 

@@ -22,9 +22,11 @@ mod config;
 mod consumer;
 mod error;
 mod producer;
+mod scan;
 mod stats;
 
 use rdkafka::ClientContext;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 
@@ -33,6 +35,7 @@ pub use config::KafkaConfig;
 pub use consumer::KafkaConsumer;
 pub use error::classify;
 pub use producer::KafkaProducer;
+pub use scan::KafkaScanner;
 
 /// librdkafka's log lines go to `tracing`, where everything else goes. The
 /// one profile's `properties` serve consumers and producers alike, so the
@@ -49,7 +52,7 @@ fn forward_log(client: &str, level: RDKafkaLogLevel, fac: &str, message: &str) {
     }
 }
 
-/// Context of the producer and admin clients: logs only.
+/// Context of the producer, admin and scan clients: logs only.
 struct LogContext {
     name: &'static str,
 }
@@ -63,3 +66,5 @@ impl ClientContext for LogContext {
         tracing::warn!(client = self.name, %error, "kafka client error: {reason}");
     }
 }
+
+impl ConsumerContext for LogContext {}

@@ -29,6 +29,9 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("003_atoms_per_source_hour.sql", include_str!("../../../schemas/clickhouse/003_atoms_per_source_hour.sql")),
     ("004_atom_arrivals.sql", include_str!("../../../schemas/clickhouse/004_atom_arrivals.sql")),
     ("005_atoms_first_arrival_wins.sql", include_str!("../../../schemas/clickhouse/005_atoms_first_arrival_wins.sql")),
+    ("006_inference_results.sql", include_str!("../../../schemas/clickhouse/006_inference_results.sql")),
+    ("007_model_outputs.sql", include_str!("../../../schemas/clickhouse/007_model_outputs.sql")),
+    ("008_inference_compensations.sql", include_str!("../../../schemas/clickhouse/008_inference_compensations.sql")),
 ];
 
 /// A schema-file comment that guards the statement after it:

@@ -45,6 +45,7 @@
 mod config;
 mod connect;
 mod error;
+mod inference;
 mod insert;
 mod migrate;
 mod query;

@@ -18,7 +18,7 @@ const KEYS_PER_QUERY: usize = 2_000;
 
 /// A slice bound as an SQL tuple `(a, b, c)` (the crate binds a slice as an
 /// array `[a, b, c]`, which 18.16 does not accept on the right of `IN`).
-struct SqlTuple<'a, T>(&'a [T]);
+pub(super) struct SqlTuple<'a, T>(pub(super) &'a [T]);
 
 impl<T: Serialize> Serialize for SqlTuple<'_, T> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

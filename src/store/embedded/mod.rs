@@ -44,6 +44,7 @@
 
 mod error;
 mod files;
+mod inference;
 mod insert;
 mod keys;
 mod query;
@@ -55,13 +56,15 @@ use std::sync::{Arc, RwLock};
 
 use futures::future::BoxFuture;
 
-use super::{AtomStore, DeadLetterArchive, DeadLetterRow, InsertReport, StoreError};
+use super::{AtomStore, DeadLetterArchive, DeadLetterRow, InferenceStore, InsertReport, StoreError};
+use crate::inference::{CompensationRow, OutputRow, ResultRow, Retracted};
 use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use error::io_error;
 use files::Table;
 use keys::{DeadLetterKeys, Keys, load_arrival_keys, load_atom_keys, load_dead_letter_keys, read_lock};
 
 pub use error::QueryError;
+pub use inference::{COMPENSATIONS_TABLE, OUTPUTS_TABLE, RESULTS_TABLE, compensations_schema, outputs_schema, results_schema};
 pub use tables::{ARRIVALS_TABLE, ATOMS_TABLE, DEAD_LETTERS_TABLE, arrivals_schema, atoms_schema, dead_letters_schema};
 
 /// The embedded store: Parquet files under a data directory, queried with
@@ -74,6 +77,7 @@ pub struct EmbeddedStore {
     arrivals: Table,
     keys: Arc<RwLock<Keys>>,
     dead_letter_keys: Arc<RwLock<DeadLetterKeys>>,
+    inference: inference::InferenceTables,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -129,6 +133,8 @@ impl EmbeddedStore {
             load_dead_letter_keys(part, &mut dl_keys)?;
         }
 
+        let inference = inference::InferenceTables::open(&tables, writable)?;
+
         tracing::info!(
             data_dir = %data_dir.display(),
             atom_parts = atom_parts.len(),
@@ -144,6 +150,7 @@ impl EmbeddedStore {
             arrivals,
             keys: Arc::new(RwLock::new(keys)),
             dead_letter_keys: Arc::new(RwLock::new(dl_keys)),
+            inference,
         })
     }
 
@@ -525,5 +532,27 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         let err = EmbeddedStore::open(&file).unwrap_err();
         assert!(matches!(err, StoreError::Fatal(_)), "{err:?}");
+    }
+}
+
+impl InferenceStore for EmbeddedStore {
+    fn insert_outputs<'a>(&'a self, rows: &'a [OutputRow]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.inference.insert_outputs(rows))
+    }
+
+    fn insert_results<'a>(&'a self, rows: &'a [ResultRow]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.inference.insert_results(rows))
+    }
+
+    fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String]) -> BoxFuture<'a, Result<Retracted, StoreError>> {
+        Box::pin(self.inference.retract(position, correlation_id, models))
+    }
+
+    fn compensations<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, CompensationRow>, StoreError>> {
+        Box::pin(async move { Ok(self.inference.compensations(positions)) })
+    }
+
+    fn record_compensations<'a>(&'a self, rows: &'a [CompensationRow]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.inference.record_compensations(rows))
     }
 }

@@ -30,9 +30,10 @@ impl EmbeddedStore {
 
     async fn run_query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
-        for table in [&self.atoms, &self.dead_letters, &self.arrivals] {
+        for table in [&self.atoms, &self.dead_letters, &self.arrivals].into_iter().chain(self.inference.tables()) {
             table.register(&ctx).await?;
         }
+        self.inference.register_views(&ctx).await?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)

@@ -3,7 +3,12 @@
 //! → [`publish`], then the runner's acker (dead letters, commit). The
 //! [`ledger`] is what dedup admitted and what became of it.
 
-pub mod decode;
+/// Stage 1, shared by every topology (see [`crate::topology::decode`]).
+pub mod decode {
+    pub use crate::topology::decode::{JSON_CONTENT_TYPE, to_request};
+    /// Decodes `AtomIngestionRequest`s.
+    pub type Decode = crate::topology::decode::Decode<crate::atom::AtomIngestionRequest>;
+}
 pub mod dedup;
 pub mod embed;
 pub mod hash;

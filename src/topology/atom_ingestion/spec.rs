@@ -62,7 +62,7 @@ pub struct DedupSpec {
 
 impl Default for DedupSpec {
     fn default() -> Self {
-        Self { recent_capacity: 100_000, retry: RetryConfig { max_attempts: 0, ..RetryConfig::default() } }
+        Self { recent_capacity: 100_000, retry: RetryConfig::forever() }
     }
 }
 
@@ -89,7 +89,7 @@ pub struct PersistSpec {
 
 impl Default for PersistSpec {
     fn default() -> Self {
-        Self { retry: RetryConfig { max_attempts: 0, ..RetryConfig::default() } }
+        Self { retry: RetryConfig::forever() }
     }
 }
 
@@ -99,13 +99,10 @@ pub struct PublishSpec {
     pub topic: String,
     /// Avro record name of the event schema.
     pub schema: String,
-    #[serde(default = "forever")]
+    #[serde(default = "RetryConfig::forever")]
     pub retry: RetryConfig,
 }
 
-fn forever() -> RetryConfig {
-    RetryConfig { max_attempts: 0, ..RetryConfig::default() }
-}
 
 impl StageSpec {
     pub fn name(&self) -> &'static str {

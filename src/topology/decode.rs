@@ -1,4 +1,5 @@
-//! Stage 1: bytes → `AtomIngestionRequest`.
+//! The first stage of every topology: bytes → the source schema's type
+//! (`AtomIngestionRequest`, `InferenceRequest`, ...).
 //!
 //! A record is Avro in the Confluent wire format (magic byte 0, 4-byte
 //! big-endian schema id, Avro body), decoded with its writer schema from the
@@ -20,6 +21,10 @@ use std::sync::Arc;
 use apache_avro::Schema;
 use apache_avro::types::Value;
 
+use std::marker::PhantomData;
+
+use serde::de::DeserializeOwned;
+
 use crate::atom::AtomIngestionRequest;
 use crate::avro::{self, DecodeError, Decoder, SchemaRegistry};
 use crate::flow::{Item, Stage};
@@ -29,16 +34,18 @@ use crate::resilience::{Attempted, BreakerConfig, CircuitBreaker, Resilient, Ret
 
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
-pub struct Decode {
+/// Decodes into `T`, the Rust type of the source schema.
+pub struct Decode<T> {
     decoder: Decoder,
     resilient: Resilient,
+    _type: PhantomData<fn() -> T>,
 }
 
-impl Decode {
+impl<T> Decode<T> {
     pub fn new(registry: Arc<dyn SchemaRegistry>, reader: Arc<Schema>, clock: crate::clock::SharedClock) -> Self {
         let breaker = Arc::new(CircuitBreaker::new("schema-registry", BreakerConfig::default()));
-        let retry = RetryConfig { max_attempts: 0, ..RetryConfig::default() };
-        Self { decoder: Decoder::new(registry, reader), resilient: Resilient::new(retry, breaker, clock) }
+        let retry = RetryConfig::forever();
+        Self { decoder: Decoder::new(registry, reader), resilient: Resilient::new(retry, breaker, clock), _type: PhantomData }
     }
 
     async fn value(&self, record: &Record) -> Result<Value, Result<Rejection, Fatal>> {
@@ -68,7 +75,7 @@ impl Decode {
     }
 }
 
-impl Decode {
+impl<T> Decode<T> {
     /// The schema registry's breaker, for the runner's list of breakers.
     pub fn breaker(&self) -> Arc<CircuitBreaker> {
         self.resilient.breaker.clone()
@@ -78,18 +85,26 @@ impl Decode {
 /// Avro value → the typed request. Failing here means the value matched the
 /// schema but not our type, which only a schema/type mismatch can cause.
 pub fn to_request(value: &Value) -> Result<AtomIngestionRequest, Rejection> {
-    apache_avro::from_value::<AtomIngestionRequest>(value).map_err(|e| Rejection::new("decode.body", format!("does not map to AtomIngestionRequest: {e}")))
+    to_typed(value)
 }
 
-impl Stage for Decode {
-    type In = ();
-    type Out = AtomIngestionRequest;
+/// Avro value → `T` (see [`to_request`]).
+pub fn to_typed<T: DeserializeOwned>(value: &Value) -> Result<T, Rejection> {
+    apache_avro::from_value::<T>(value).map_err(|e| {
+        let name = std::any::type_name::<T>().rsplit("::").next().unwrap_or("the request type");
+        Rejection::new("decode.body", format!("does not map to {name}: {e}"))
+    })
+}
 
-    async fn process(&mut self, items: Vec<Item<()>>) -> Result<Vec<Outcome<AtomIngestionRequest>>, Fatal> {
+impl<T: DeserializeOwned + Send + 'static> Stage for Decode<T> {
+    type In = ();
+    type Out = T;
+
+    async fn process(&mut self, items: Vec<Item<()>>) -> Result<Vec<Outcome<T>>, Fatal> {
         let mut out = Vec::with_capacity(items.len());
         for item in &items {
             out.push(match self.value(&item.record).await {
-                Ok(v) => match to_request(&v) {
+                Ok(v) => match to_typed::<T>(&v) {
                     Ok(req) => Outcome::Continue(req),
                     Err(r) => Outcome::Invalid(r),
                 },
