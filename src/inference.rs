@@ -174,6 +174,8 @@ pub struct ResultRow {
     pub score: f64,
     pub has_score: u8,
     pub models_asked: u32,
+    /// The models asked, comma-separated, in ensemble order.
+    pub models: String,
     pub models_counted: u32,
     pub models_failed: u32,
     pub late_outputs: u32,
@@ -190,6 +192,15 @@ impl ResultRow {
     }
 }
 
+/// What a redelivered request was answered with before.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recalled {
+    /// Its saga failed: the compensation recorded for it.
+    Compensation(CompensationRow),
+    /// Its live result, with its live model outputs.
+    Result(ResultRow, Vec<OutputRow>),
+}
+
 /// What a compensation changed in the store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retracted {
@@ -199,10 +210,13 @@ pub struct Retracted {
 
 /// Where the compensation of one request stands, kept in
 /// `inference_compensations` so a crash mid-way resumes without doing
-/// anything twice.
+/// anything twice, and so a redelivered request is answered the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[repr(u8)]
 pub enum CompensationStep {
+    /// The saga failed and its compensation event is about to be published
+    /// (written by ensemble-inference before it publishes the event).
+    Requested = 0,
     /// The rows are retracted; `InferenceCompensated` is not yet out.
     Retracted = 1,
     /// `InferenceCompensated` is being published: `announce_*` is the
@@ -213,7 +227,9 @@ pub enum CompensationStep {
     Announced = 3,
 }
 
-/// A row of `inference_compensations`, keyed by the request's position.
+/// A row of `inference_compensations`, keyed by the request's position. It
+/// holds the whole compensation event, so the event can be published again
+/// exactly as before.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
 pub struct CompensationRow {
     pub source_topic: String,
@@ -221,10 +237,21 @@ pub struct CompensationRow {
     pub source_offset: i64,
     pub correlation_id: String,
     pub step: u8,
+    pub request_id: String,
+    pub failed_step: String,
+    pub reason_code: String,
+    pub reason: String,
+    /// Comma-separated, in order.
+    pub done_steps: String,
+    /// Comma-separated model ids.
+    pub models: String,
+    pub reservations: u32,
+    pub failed_at_ms: u64,
     pub retracted_outputs: u32,
     pub retracted_result: u8,
     pub announce_partition: i32,
     pub announce_offset: i64,
+    /// When the rows were retracted (the `compensated_at_ms` announced).
     pub updated_at_ms: u64,
     /// The step's number, so the furthest step wins.
     pub version: u64,
@@ -235,8 +262,59 @@ impl CompensationRow {
         SourcePosition::new(self.source_topic.clone(), self.source_partition, self.source_offset)
     }
 
+    /// The row of step `step` for the compensation `event` (not yet
+    /// retracted, not yet announced).
+    pub fn of(event: &InferenceCompensation, step: CompensationStep) -> Self {
+        Self {
+            source_topic: event.source_topic.clone(),
+            source_partition: event.source_partition,
+            source_offset: event.source_offset,
+            correlation_id: event.correlation_id.clone(),
+            step: step as u8,
+            request_id: event.request_id.clone(),
+            failed_step: event.failed_step.clone(),
+            reason_code: event.reason_code.clone(),
+            reason: event.reason.clone(),
+            done_steps: event.done_steps.join(","),
+            models: event.models.join(","),
+            reservations: event.reservations.max(0) as u32,
+            failed_at_ms: event.failed_at_ms.max(0) as u64,
+            retracted_outputs: 0,
+            retracted_result: 0,
+            announce_partition: -1,
+            announce_offset: -1,
+            updated_at_ms: 0,
+            version: step as u64,
+        }
+    }
+
+    /// The compensation event this row was made from.
+    pub fn event(&self) -> InferenceCompensation {
+        let list = |s: &str| if s.is_empty() { Vec::new() } else { s.split(',').map(String::from).collect() };
+        InferenceCompensation {
+            request_id: self.request_id.clone(),
+            correlation_id: self.correlation_id.clone(),
+            failed_step: self.failed_step.clone(),
+            reason_code: self.reason_code.clone(),
+            reason: self.reason.clone(),
+            done_steps: list(&self.done_steps),
+            models: list(&self.models),
+            reservations: self.reservations as i32,
+            source_topic: self.source_topic.clone(),
+            source_partition: self.source_partition,
+            source_offset: self.source_offset,
+            failed_at_ms: self.failed_at_ms as i64,
+        }
+    }
+
+    /// The same compensation at `step`.
+    pub fn at(&self, step: CompensationStep) -> Self {
+        Self { step: step as u8, version: step as u64, ..self.clone() }
+    }
+
     pub fn step(&self) -> Option<CompensationStep> {
         match self.step {
+            0 => Some(CompensationStep::Requested),
             1 => Some(CompensationStep::Retracted),
             2 => Some(CompensationStep::Announcing),
             3 => Some(CompensationStep::Announced),
@@ -290,6 +368,7 @@ impl ResultRow {
             score: 0.0,
             has_score: 0,
             models_asked: 0,
+            models: String::new(),
             models_counted: 0,
             models_failed: 0,
             late_outputs: 0,

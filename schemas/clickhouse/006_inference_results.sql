@@ -2,6 +2,8 @@
 -- the request's source position (source_topic, source_partition,
 -- source_offset), so a replayed request writes the same row again.
 --
+-- models lists the models asked, comma-separated, in ensemble order.
+--
 -- Saga retraction: when a request is compensated, the compensation consumer
 -- writes the same key again with deleted = 1 and version = 2. Live rows are
 -- always version 1, so ReplacingMergeTree(version) keeps the retraction
@@ -33,6 +35,7 @@ CREATE TABLE IF NOT EXISTS inference_results
     score Float64,
     has_score UInt8,
     models_asked UInt32,
+    models String,
     models_counted UInt32,
     models_failed UInt32,
     late_outputs UInt32,

@@ -1,6 +1,10 @@
 -- inference_compensations: where the compensation of each compensated
--- request stands, keyed by the request's source position. The compensation
--- consumer writes one row per step it completes:
+-- request stands, keyed by the request's source position, with the whole
+-- compensation event (so a redelivered request is answered with the same
+-- event, never decided again). One row per step:
+--   step 0 requested:  written by ensemble-inference just before it
+--                      publishes the InferenceCompensation event;
+-- and by the compensation consumer:
 --   step 1 retracted:  its result and output rows are retracted;
 --   step 2 announcing: InferenceCompensated is about to be sent, and
 --                      announce_partition / announce_offset are the output
@@ -19,6 +23,14 @@ CREATE TABLE IF NOT EXISTS inference_compensations
     source_offset Int64,
     correlation_id String,
     step UInt8,
+    request_id String,
+    failed_step String,
+    reason_code String,
+    reason String,
+    done_steps String,
+    models String,
+    reservations UInt32,
+    failed_at_ms UInt64,
     retracted_outputs UInt32,
     retracted_result UInt8,
     announce_partition Int32,

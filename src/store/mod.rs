@@ -13,7 +13,7 @@ use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePositi
 use crate::outcome::{Classify, ErrorClass};
 
 pub use crate::dead_letter::{DeadLetterArchive, DeadLetterRow};
-use crate::inference::{CompensationRow, OutputRow, ResultRow, Retracted};
+use crate::inference::{CompensationRow, OutputRow, Recalled, ResultRow, Retracted};
 
 /// The ensemble-inference store contract: results, every model's output,
 /// and the state of compensations. Every write is idempotent by key (the
@@ -28,12 +28,15 @@ use crate::inference::{CompensationRow, OutputRow, ResultRow, Retracted};
 ///   only if nothing was retracted in between: callers keep the first
 ///   report, see `inference_compensations`).
 /// - `compensations` returns the furthest recorded step per position.
+/// - `recall` tells, per position, how the request was answered before: its
+///   recorded compensation, else its live result with its live outputs.
 pub trait InferenceStore: Send + Sync + 'static {
     fn insert_outputs<'a>(&'a self, rows: &'a [OutputRow]) -> BoxFuture<'a, Result<(), StoreError>>;
     fn insert_results<'a>(&'a self, rows: &'a [ResultRow]) -> BoxFuture<'a, Result<(), StoreError>>;
     fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String]) -> BoxFuture<'a, Result<Retracted, StoreError>>;
     fn compensations<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, CompensationRow>, StoreError>>;
     fn record_compensations<'a>(&'a self, rows: &'a [CompensationRow]) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn recall<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, Recalled>, StoreError>>;
 }
 
 /// What an insert did. `inserted + already_present` equals the rows given.

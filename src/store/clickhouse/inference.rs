@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use super::ClickHouseStore;
 use super::query::SqlTuple;
 use crate::atom::SourcePosition;
-use crate::inference::{CompensationRow, LIVE, OutputRow, RETRACTED, ResultRow, Retracted};
+use crate::inference::{CompensationRow, LIVE, OutputRow, RETRACTED, Recalled, ResultRow, Retracted};
 use crate::store::{InferenceStore, StoreError};
 
 impl ClickHouseStore {
@@ -67,36 +67,55 @@ impl ClickHouseStore {
         Ok(Retracted { outputs: live_outputs.len(), result: live_result > 0 })
     }
 
-    async fn compensations_impl(&self, positions: &[SourcePosition]) -> Result<HashMap<SourcePosition, CompensationRow>, StoreError> {
+    /// The rows of `table` (FINAL, and `filter`) at `positions`, one query
+    /// per (topic, partition) and 2,000 offsets.
+    async fn rows_at<T: clickhouse::RowOwned + clickhouse::RowRead>(&self, table: &str, filter: &str, positions: &[SourcePosition]) -> Result<Vec<T>, StoreError> {
         let mut by_place: BTreeMap<(&str, i32), Vec<i64>> = BTreeMap::new();
         for p in positions {
             by_place.entry((p.topic.as_str(), p.partition)).or_default().push(p.offset);
         }
-        let mut found = HashMap::new();
+        let mut found = Vec::new();
         for ((topic, partition), mut offsets) in by_place {
             offsets.sort_unstable();
             offsets.dedup();
             for chunk in offsets.chunks(2_000) {
-                let rows: Vec<CompensationRow> = self
+                let sql = format!("SELECT ?fields FROM {table} FINAL WHERE source_topic = ? AND source_partition = ? AND source_offset IN ?{filter}");
+                let mut rows: Vec<T> = self
                     .timed(
-                        &format!("look up {} compensations of {topic}/{partition}", chunk.len()),
-                        self.client
-                            .query(
-                                "SELECT ?fields FROM inference_compensations FINAL \
-                                 WHERE source_topic = ? AND source_partition = ? AND source_offset IN ?",
-                            )
-                            .bind(topic)
-                            .bind(partition)
-                            .bind(SqlTuple(chunk))
-                            .fetch_all::<CompensationRow>(),
+                        &format!("look up {} positions of {topic}/{partition} in {}", chunk.len(), self.table(table)),
+                        self.client.query(&sql).bind(topic).bind(partition).bind(SqlTuple(chunk)).fetch_all::<T>(),
                     )
                     .await?;
-                for row in rows {
-                    found.insert(row.position(), row);
-                }
+                found.append(&mut rows);
             }
         }
         Ok(found)
+    }
+
+    async fn compensations_impl(&self, positions: &[SourcePosition]) -> Result<HashMap<SourcePosition, CompensationRow>, StoreError> {
+        let rows: Vec<CompensationRow> = self.rows_at("inference_compensations", "", positions).await?;
+        Ok(rows.into_iter().map(|r| (r.position(), r)).collect())
+    }
+
+    async fn recall_impl(&self, positions: &[SourcePosition]) -> Result<HashMap<SourcePosition, Recalled>, StoreError> {
+        let mut out: HashMap<SourcePosition, Recalled> =
+            self.compensations_impl(positions).await?.into_iter().map(|(p, c)| (p, Recalled::Compensation(c))).collect();
+        let rest: Vec<SourcePosition> = positions.iter().filter(|p| !out.contains_key(*p)).cloned().collect();
+        let results: Vec<ResultRow> = self.rows_at("inference_results", " AND deleted = 0", &rest).await?;
+        if results.is_empty() {
+            return Ok(out);
+        }
+        let decided: Vec<SourcePosition> = results.iter().map(ResultRow::position).collect();
+        let mut outputs: HashMap<SourcePosition, Vec<OutputRow>> = HashMap::new();
+        for o in self.rows_at::<OutputRow>("model_outputs", " AND deleted = 0", &decided).await? {
+            outputs.entry(o.position()).or_default().push(o);
+        }
+        for r in results {
+            let mut mine = outputs.remove(&r.position()).unwrap_or_default();
+            mine.sort_by_key(|o| o.sequence);
+            out.insert(r.position(), Recalled::Result(r, mine));
+        }
+        Ok(out)
     }
 }
 
@@ -119,6 +138,10 @@ impl InferenceStore for ClickHouseStore {
 
     fn record_compensations<'a>(&'a self, rows: &'a [CompensationRow]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.insert_rows("inference_compensations", rows))
+    }
+
+    fn recall<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, Recalled>, StoreError>> {
+        Box::pin(self.recall_impl(positions))
     }
 }
 

@@ -26,7 +26,7 @@ use super::error::{arrow_error, io_error, parquet_error};
 use super::files::Table;
 use super::keys::{read_lock, write_lock};
 use crate::atom::SourcePosition;
-use crate::inference::{CompensationRow, OutputRow, ResultRow, Retracted};
+use crate::inference::{CompensationRow, OutputRow, Recalled, ResultRow, Retracted};
 use crate::store::StoreError;
 
 pub const RESULTS_TABLE: &str = "inference_results";
@@ -52,6 +52,7 @@ pub fn results_schema() -> SchemaRef {
         ("score", Float64),
         ("has_score", UInt8),
         ("models_asked", UInt32),
+        ("models", Utf8),
         ("models_counted", UInt32),
         ("models_failed", UInt32),
         ("late_outputs", UInt32),
@@ -101,6 +102,14 @@ pub fn compensations_schema() -> SchemaRef {
         ("source_offset", Int64),
         ("correlation_id", Utf8),
         ("step", UInt8),
+        ("request_id", Utf8),
+        ("failed_step", Utf8),
+        ("reason_code", Utf8),
+        ("reason", Utf8),
+        ("done_steps", Utf8),
+        ("models", Utf8),
+        ("reservations", UInt32),
+        ("failed_at_ms", UInt64),
         ("retracted_outputs", UInt32),
         ("retracted_result", UInt8),
         ("announce_partition", Int32),
@@ -145,11 +154,12 @@ fn pos(p: &SourcePosition) -> Pos {
     (p.topic.clone(), p.partition, p.offset)
 }
 
-/// What is stored, by key: the highest version and whether it is a retraction.
+/// What is stored, by key: the row of the highest version (a retraction
+/// when `deleted = 1`).
 #[derive(Default)]
 struct Versions {
-    results: HashMap<Pos, (u64, bool)>,
-    outputs: HashMap<(Pos, String), (u64, bool)>,
+    results: HashMap<Pos, ResultRow>,
+    outputs: HashMap<(Pos, String), OutputRow>,
     compensations: HashMap<Pos, CompensationRow>,
 }
 
@@ -166,23 +176,20 @@ impl InferenceTables {
         let (results, parts) = Table::open(RESULTS_TABLE, tables.join(RESULTS_TABLE), results_schema(), writable)?;
         for part in &parts {
             for r in read_rows::<ResultRow>(part)? {
-                keep_highest(versions.results.entry(pos(&r.position())).or_default(), r.version, r.deleted != 0);
+                keep_highest(&mut versions.results, pos(&r.position()), r);
             }
         }
         let (outputs, parts) = Table::open(OUTPUTS_TABLE, tables.join(OUTPUTS_TABLE), outputs_schema(), writable)?;
         for part in &parts {
             for r in read_rows::<OutputRow>(part)? {
-                keep_highest(versions.outputs.entry((pos(&r.position()), r.model_id.clone())).or_default(), r.version, r.deleted != 0);
+                keep_highest(&mut versions.outputs, (pos(&r.position()), r.model_id.clone()), r);
             }
         }
         let (compensations, parts) =
             Table::open(COMPENSATIONS_TABLE, tables.join(COMPENSATIONS_TABLE), compensations_schema(), writable)?;
         for part in &parts {
             for r in read_rows::<CompensationRow>(part)? {
-                let slot = versions.compensations.entry(pos(&r.position())).or_insert_with(|| r.clone());
-                if r.version > slot.version {
-                    *slot = r;
-                }
+                keep_highest(&mut versions.compensations, pos(&r.position()), r);
             }
         }
         Ok(Self { results, outputs, compensations, versions: Arc::new(RwLock::new(versions)) })
@@ -216,8 +223,7 @@ impl InferenceTables {
             rows.iter()
                 .filter(|r| {
                     let key = pos(&r.position());
-                    let stored = v.results.get(&key).map_or(0, |(version, _)| *version);
-                    r.version > stored && seen.insert(key, ()).is_none()
+                    v.results.get(&key).is_none_or(|s| r.version > s.version) && seen.insert(key, ()).is_none()
                 })
                 .collect()
         };
@@ -225,13 +231,13 @@ impl InferenceTables {
             return Ok(());
         }
         let batch = to_batch(&self.results.schema, &fresh)?;
-        let keys: Vec<(Pos, u64, bool)> = fresh.iter().map(|r| (pos(&r.position()), r.version, r.deleted != 0)).collect();
+        let stored: Vec<ResultRow> = fresh.into_iter().cloned().collect();
         let versions = self.versions.clone();
         self.results
             .write_part(guard, vec![batch], move || {
                 let mut v = write_lock(&versions);
-                for (k, version, deleted) in keys {
-                    keep_highest(v.results.entry(k).or_default(), version, deleted);
+                for r in stored {
+                    keep_highest(&mut v.results, pos(&r.position()), r);
                 }
             })
             .await
@@ -245,8 +251,7 @@ impl InferenceTables {
             rows.iter()
                 .filter(|r| {
                     let key = (pos(&r.position()), r.model_id.clone());
-                    let stored = v.outputs.get(&key).map_or(0, |(version, _)| *version);
-                    r.version > stored && seen.insert(key, ()).is_none()
+                    v.outputs.get(&key).is_none_or(|s| r.version > s.version) && seen.insert(key, ()).is_none()
                 })
                 .collect()
         };
@@ -254,14 +259,13 @@ impl InferenceTables {
             return Ok(());
         }
         let batch = to_batch(&self.outputs.schema, &fresh)?;
-        let keys: Vec<((Pos, String), u64, bool)> =
-            fresh.iter().map(|r| ((pos(&r.position()), r.model_id.clone()), r.version, r.deleted != 0)).collect();
+        let stored: Vec<OutputRow> = fresh.into_iter().cloned().collect();
         let versions = self.versions.clone();
         self.outputs
             .write_part(guard, vec![batch], move || {
                 let mut v = write_lock(&versions);
-                for (k, version, deleted) in keys {
-                    keep_highest(v.outputs.entry(k).or_default(), version, deleted);
+                for r in stored {
+                    keep_highest(&mut v.outputs, (pos(&r.position()), r.model_id.clone()), r);
                 }
             })
             .await
@@ -272,8 +276,8 @@ impl InferenceTables {
         let (live_outputs, live_result, mut names) = {
             let v = read_lock(&self.versions);
             let stored: Vec<String> = v.outputs.keys().filter(|(k, _)| *k == key).map(|(_, m)| m.clone()).collect();
-            let live = stored.iter().filter(|m| v.outputs.get(&(key.clone(), (*m).clone())).is_some_and(|(_, deleted)| !deleted)).count();
-            let result = v.results.get(&key).is_some_and(|(_, deleted)| !deleted);
+            let live = stored.iter().filter(|m| v.outputs.get(&(key.clone(), (*m).clone())).is_some_and(|r| r.deleted == 0)).count();
+            let result = v.results.get(&key).is_some_and(|r| r.deleted == 0);
             (live, result, stored)
         };
         names.extend(models.iter().cloned());
@@ -288,6 +292,24 @@ impl InferenceTables {
     pub(super) fn compensations(&self, positions: &[SourcePosition]) -> HashMap<SourcePosition, CompensationRow> {
         let v = read_lock(&self.versions);
         positions.iter().filter_map(|p| v.compensations.get(&pos(p)).map(|r| (p.clone(), r.clone()))).collect()
+    }
+
+    /// For each position: its compensation if one was recorded, else its
+    /// live result with its live outputs (sequence order).
+    pub(super) fn recall(&self, positions: &[SourcePosition]) -> HashMap<SourcePosition, Recalled> {
+        let v = read_lock(&self.versions);
+        let mut out = HashMap::new();
+        for p in positions {
+            let key = pos(p);
+            if let Some(c) = v.compensations.get(&key) {
+                out.insert(p.clone(), Recalled::Compensation(c.clone()));
+            } else if let Some(r) = v.results.get(&key).filter(|r| r.deleted == 0) {
+                let mut outputs: Vec<OutputRow> = v.outputs.iter().filter(|((k, _), o)| *k == key && o.deleted == 0).map(|(_, o)| o.clone()).collect();
+                outputs.sort_by_key(|o| o.sequence);
+                out.insert(p.clone(), Recalled::Result(r.clone(), outputs));
+            }
+        }
+        out
     }
 
     pub(super) async fn record_compensations(&self, rows: &[CompensationRow]) -> Result<(), StoreError> {
@@ -309,18 +331,38 @@ impl InferenceTables {
             .write_part(guard, vec![batch], move || {
                 let mut v = write_lock(&versions);
                 for r in stored {
-                    let key = pos(&r.position());
-                    if v.compensations.get(&key).is_none_or(|s| r.version > s.version) {
-                        v.compensations.insert(key, r);
-                    }
+                    keep_highest(&mut v.compensations, pos(&r.position()), r);
                 }
             })
             .await
     }
 }
 
-fn keep_highest(slot: &mut (u64, bool), version: u64, deleted: bool) {
-    if version > slot.0 {
-        *slot = (version, deleted);
+/// Rows with a version, which the highest one replaces.
+trait Versioned {
+    fn version(&self) -> u64;
+}
+
+impl Versioned for ResultRow {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Versioned for OutputRow {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Versioned for CompensationRow {
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+fn keep_highest<K: std::hash::Hash + Eq, R: Versioned>(map: &mut HashMap<K, R>, key: K, row: R) {
+    if map.get(&key).is_none_or(|s| row.version() > s.version()) {
+        map.insert(key, row);
     }
 }

@@ -57,7 +57,7 @@ use std::sync::{Arc, RwLock};
 use futures::future::BoxFuture;
 
 use super::{AtomStore, DeadLetterArchive, DeadLetterRow, InferenceStore, InsertReport, StoreError};
-use crate::inference::{CompensationRow, OutputRow, ResultRow, Retracted};
+use crate::inference::{CompensationRow, OutputRow, Recalled, ResultRow, Retracted};
 use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use error::io_error;
 use files::Table;
@@ -554,5 +554,9 @@ impl InferenceStore for EmbeddedStore {
 
     fn record_compensations<'a>(&'a self, rows: &'a [CompensationRow]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.inference.record_compensations(rows))
+    }
+
+    fn recall<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, Recalled>, StoreError>> {
+        Box::pin(async move { Ok(self.inference.recall(positions)) })
     }
 }

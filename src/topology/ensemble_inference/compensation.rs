@@ -2,6 +2,8 @@
 //! reading the `InferenceCompensation` events the ensemble-inference
 //! topology publishes for every request whose saga failed. One event's
 //! path: [`decode`](crate::topology::decode) → [`Retract`] → [`Announce`].
+//! Step 0 (`requested`) is written by ensemble-inference before it publishes
+//! the event; this consumer writes steps 1 to 3.
 //!
 //! - **retract**: writes the retraction of the request's result and of every
 //!   model's output (`deleted = 1`, version 2; see `crate::inference::LIVE`),
@@ -189,19 +191,14 @@ pub struct Compensating {
     pub state: CompensationRow,
 }
 
-fn row(event: &InferenceCompensation, step: CompensationStep, at_ms: i64) -> CompensationRow {
+/// Step 1 of `event`: what its retraction undid, from the event alone (so a
+/// retraction repeated after a crash reports the same), and when.
+fn retracted(event: &InferenceCompensation, at_ms: i64) -> CompensationRow {
     CompensationRow {
-        source_topic: event.source_topic.clone(),
-        source_partition: event.source_partition,
-        source_offset: event.source_offset,
-        correlation_id: event.correlation_id.clone(),
-        step: step as u8,
         retracted_outputs: if event.done_steps.iter().any(|s| s == "persist_outputs") { event.models.len() as u32 } else { 0 },
         retracted_result: event.done_steps.iter().any(|s| s == "persist_result") as u8,
-        announce_partition: -1,
-        announce_offset: -1,
         updated_at_ms: at_ms.max(0) as u64,
-        version: step as u64,
+        ..CompensationRow::of(event, CompensationStep::Retracted)
     }
 }
 
@@ -233,7 +230,8 @@ impl Stage for Retract {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let e = item.value;
-            let state = match known.get(&e.position()) {
+            // Step 0 is ensemble-inference's own record: still to retract.
+            let state = match known.get(&e.position()).filter(|s| s.step() != Some(CompensationStep::Requested)) {
                 Some(s) => s.clone(),
                 None => {
                     let p = e.position();
@@ -241,7 +239,7 @@ impl Stage for Retract {
                     self.metrics.count(RETRACTED, 1);
                     self.metrics.count(OUTPUT_ROWS_RETRACTED, r.outputs as u64);
                     self.metrics.count(RESULT_ROWS_RETRACTED, r.result as u64);
-                    let s = row(&e, CompensationStep::Retracted, now);
+                    let s = retracted(&e, now);
                     fresh.push(s.clone());
                     // The same event twice in one window is retracted once.
                     known.insert(p, s.clone());
@@ -326,7 +324,7 @@ impl Stage for Announce {
                 Some(CompensationStep::Announcing) if self.already_sent(&TopicPartition::new(topic.as_str(), c.state.announce_partition), c.state.announce_offset, c).await? => {
                     self.metrics.count(ALREADY_ANNOUNCED, 1);
                     self.metrics.count(FOUND_AFTER_CRASH, 1);
-                    done.push(CompensationRow { step: CompensationStep::Announced as u8, version: CompensationStep::Announced as u64, ..c.state.clone() });
+                    done.push(c.state.at(CompensationStep::Announced));
                 }
                 _ => to_send.push((i, tp)),
             }
@@ -340,13 +338,7 @@ impl Stage for Announce {
                 ends.insert(tp.clone(), end);
             }
             let state = &items[*i].value.state;
-            announcing.push(CompensationRow {
-                step: CompensationStep::Announcing as u8,
-                version: CompensationStep::Announcing as u64,
-                announce_partition: tp.partition,
-                announce_offset: ends[tp],
-                ..state.clone()
-            });
+            announcing.push(CompensationRow { announce_partition: tp.partition, announce_offset: ends[tp], ..state.at(CompensationStep::Announcing) });
         }
         stored(&self.resilient, "announce", || store.record_compensations(&announcing)).await?;
         if !announcing.is_empty() {
@@ -364,7 +356,7 @@ impl Stage for Announce {
             match result {
                 Ok(_) => {
                     self.metrics.count(ANNOUNCED, 1);
-                    done.push(CompensationRow { step: CompensationStep::Announced as u8, version: CompensationStep::Announced as u64, ..state.clone() });
+                    done.push(state.at(CompensationStep::Announced));
                 }
                 // A refused announcement stays at step 2 and its event is
                 // dead-lettered; a replay looks for it again before sending.

@@ -1,4 +1,4 @@
-//! Stage 3: ask every model of a request's ensemble, publish each answer as
+//! Stage 4: ask every model of a request's ensemble, publish each answer as
 //! it arrives, and decide.
 //!
 //! For each request (up to `parallel_requests` of a window at once):

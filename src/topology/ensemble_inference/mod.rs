@@ -1,5 +1,5 @@
 //! The ensemble-inference topology, run as a saga. One request's path, one
-//! file per stage: [`decode`](crate::topology::decode) → [`plan`] →
+//! file per stage: [`decode`](crate::topology::decode) → [`recall`] → [`plan`] →
 //! [`invoke`] (reserve, call every model, publish each answer, aggregate)
 //! → [`persist`] → [`publish`], then the runner's acker (dead letters,
 //! commit). A request whose saga fails leaves `publish` as an
@@ -16,6 +16,7 @@ pub mod invoke;
 pub mod persist;
 pub mod plan;
 pub mod publish;
+pub mod recall;
 pub mod rollout;
 pub mod spec;
 
@@ -51,6 +52,8 @@ pub mod counters {
     pub const RESULTS_STORED: Counter = Counter::new("persist", "results_stored");
     pub const RESULTS_PUBLISHED: Counter = Counter::new("publish", "results_published");
     pub const COMPENSATIONS_REQUESTED: Counter = Counter::new("publish", "compensations_requested");
+    /// Redelivered requests answered with their earlier answer.
+    pub const ANSWERED_AGAIN: Counter = Counter::new("recall", "answered_again");
 
     /// Model outputs by whether the model answered.
     pub const fn model_output(ok: bool) -> Counter {
@@ -131,6 +134,7 @@ impl Topology for EnsembleInference {
             format!("results stored        {:>8}  ({} model outputs)", s.count(RESULTS_STORED), s.count(OUTPUTS_STORED)),
             format!("results published     {:>8}", s.count(RESULTS_PUBLISHED)),
             format!("compensations         {:>8}  (sent to the compensation consumer)", s.count(COMPENSATIONS_REQUESTED)),
+            format!("answered again        {:>8}  (redelivered, answered as before)", s.count(ANSWERED_AGAIN)),
         ];
         for (reason, n) in s.counted("publish", "compensation.") {
             lines.push(format!("  {reason:<22}{n:>6}"));
@@ -181,14 +185,7 @@ async fn build(spec: &TopologySpec, deps: &Deps, ctx: &StageContext) -> Result<P
     let decode = crate::topology::decode::Decode::<crate::inference::InferenceRequest>::new(deps.registry.clone(), reader.schema.clone(), deps.clock.clone());
     deps.breakers.register(decode.breaker());
     let rx = stage::spawn("decode", decode, rx, ctx);
-    let plan = plan::Plan { spec: stages.plan().clone(), invokers: invokers(&stages, deps)?, flags };
-    let rx = stage::spawn("plan", plan, rx, ctx);
-    let partial = Emitter::new("invoke", deps.producer.clone(), deps.registry.as_ref(), &invoke_spec.partial_topic, crate::avro::MODEL_OUTPUT, resilient(&invoke_spec.retry, &log_breaker)).await?;
-    let invoke = invoke::Invoke { partial: Arc::new(partial), clock: deps.clock.clone(), metrics: deps.metrics.clone(), parallel: invoke_spec.parallel_requests };
-    let rx = stage::spawn("invoke", invoke, rx, ctx);
-    let persist = persist::Persist { store: deps.inference.clone(), resilient: resilient(&stages.persist().retry, &store_breaker), metrics: deps.metrics.clone() };
-    let rx = stage::spawn("persist", persist, rx, ctx);
-    let publish = publish::Publish {
+    let answers = Arc::new(publish::Answers {
         results: Emitter::new("publish", deps.producer.clone(), deps.registry.as_ref(), &publish_spec.topic, crate::avro::INFERENCE_RESULT, resilient(&publish_spec.retry, &log_breaker)).await?,
         compensations: Emitter::new(
             "publish",
@@ -199,6 +196,22 @@ async fn build(spec: &TopologySpec, deps: &Deps, ctx: &StageContext) -> Result<P
             resilient(&publish_spec.retry, &log_breaker),
         )
         .await?,
+        metrics: deps.metrics.clone(),
+    });
+    let store_retry = &stages.persist().retry;
+    let recall = recall::Recall { store: deps.inference.clone(), resilient: resilient(store_retry, &store_breaker), answers: answers.clone(), metrics: deps.metrics.clone() };
+    let rx = stage::spawn("recall", recall, rx, ctx);
+    let plan = plan::Plan { spec: stages.plan().clone(), invokers: invokers(&stages, deps)?, flags };
+    let rx = stage::spawn("plan", plan, rx, ctx);
+    let partial = Emitter::new("invoke", deps.producer.clone(), deps.registry.as_ref(), &invoke_spec.partial_topic, crate::avro::MODEL_OUTPUT, resilient(&invoke_spec.retry, &log_breaker)).await?;
+    let invoke = invoke::Invoke { partial: Arc::new(partial), clock: deps.clock.clone(), metrics: deps.metrics.clone(), parallel: invoke_spec.parallel_requests };
+    let rx = stage::spawn("invoke", invoke, rx, ctx);
+    let persist = persist::Persist { store: deps.inference.clone(), resilient: resilient(store_retry, &store_breaker), metrics: deps.metrics.clone(), clock: deps.clock.clone() };
+    let rx = stage::spawn("persist", persist, rx, ctx);
+    let publish = publish::Publish {
+        answers,
+        store: deps.inference.clone(),
+        resilient: resilient(store_retry, &store_breaker),
         metrics: deps.metrics.clone(),
         clock: deps.clock.clone(),
     };

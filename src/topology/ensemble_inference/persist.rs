@@ -1,4 +1,4 @@
-//! Stage 4: store every model's output (`model_outputs`), then each decided
+//! Stage 5: store every model's output (`model_outputs`), then each decided
 //! result (`inference_results`), both keyed by the request's source
 //! position, so a redelivered request writes the same rows again.
 //!
@@ -8,16 +8,19 @@
 //! - the store refuses its result row (`persist.rejected`): its outputs
 //!   are stored already, so it goes on to be compensated.
 //!
-//! Either way the next stage publishes an `InferenceCompensation` instead
-//! of a result, naming the steps done so far. A store that is down is
-//! retried (forever by default: backpressure, not compensation).
+//! Either way its compensation is recorded (step 0 in
+//! `inference_compensations`, with the whole event) and the next stage
+//! publishes that `InferenceCompensation` instead of a result. A store that
+//! is down is retried (forever by default: backpressure, not compensation).
 
 use std::sync::Arc;
 
 use super::invoke::Invoked;
 use crate::failpoint;
 use crate::flow::{Item, Metrics, Stage};
-use crate::inference::{LIVE, OutputRow, ResultRow};
+use crate::clock::SharedClock;
+use crate::inference::{CompensationRow, CompensationStep, InferenceCompensation, LIVE, OutputRow, ResultRow};
+use crate::record::Record;
 use crate::outcome::{ErrorClass, Fatal, Outcome};
 use crate::resilience::{Attempted, Resilient};
 use crate::store::{InferenceStore, StoreError};
@@ -47,14 +50,45 @@ pub struct Failure {
 
 pub struct Persisted {
     pub invoked: Invoked,
-    /// The result row as stored, or the failure to compensate.
-    pub outcome: Result<ResultRow, Failure>,
+    /// The result row as stored with its output rows, or the compensation
+    /// to publish (recorded as step 0 already).
+    pub outcome: Result<(ResultRow, Vec<OutputRow>), InferenceCompensation>,
 }
 
 pub struct Persist {
     pub store: Arc<dyn InferenceStore>,
     pub resilient: Resilient,
     pub metrics: Arc<Metrics>,
+    pub clock: SharedClock,
+}
+
+/// The compensation event of a request whose saga failed with `f`.
+pub fn compensation(invoked: &Invoked, source: &Record, f: &Failure, now_ms: i64) -> InferenceCompensation {
+    let pos = &source.position;
+    InferenceCompensation {
+        request_id: invoked.planned.request.request_id.clone(),
+        correlation_id: invoked.planned.request.correlation_id.clone(),
+        failed_step: f.step.to_string(),
+        reason_code: f.code.clone(),
+        reason: f.reason.clone(),
+        done_steps: f.done.iter().map(|s| s.to_string()).collect(),
+        models: invoked.planned.models.iter().map(|m| m.id().to_string()).collect(),
+        reservations: invoked.reserved as i32,
+        source_topic: pos.tp.topic.to_string(),
+        source_partition: pos.tp.partition,
+        source_offset: pos.offset,
+        failed_at_ms: now_ms,
+    }
+}
+
+/// Records step 0 of `events` (see `inference_compensations`): from then
+/// on a redelivery of their requests is answered with the same event.
+pub async fn request_compensations(store: &Arc<dyn InferenceStore>, resilient: &Resilient, events: &[InferenceCompensation], stage: &str) -> Result<(), Fatal> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<CompensationRow> = events.iter().map(|e| CompensationRow::of(e, CompensationStep::Requested)).collect();
+    resilient.call(|| store.record_compensations(&rows)).await.map_err(|e| Fatal::new(stage, format!("recording compensations: {e}")))
 }
 
 fn output_row(item: &Item<Invoked>, o: &crate::inference::ModelOutput) -> OutputRow {
@@ -104,6 +138,7 @@ fn result_row(item: &Item<Invoked>) -> Option<ResultRow> {
         score: d.score.unwrap_or(0.0),
         has_score: d.score.is_some() as u8,
         models_asked: p.models.len() as u32,
+        models: p.models.iter().map(|m| m.id()).collect::<Vec<_>>().join(","),
         models_counted: d.counted.len() as u32,
         models_failed: v.outputs.iter().filter(|o| o.error.is_some()).count() as u32,
         late_outputs: v.outputs.iter().filter(|o| o.late).count() as u32,
@@ -167,12 +202,14 @@ impl Stage for Persist {
                 }
             }
         }
-        let mut out = Vec::with_capacity(items.len());
-        for ((item, result), refusal) in items.into_iter().zip(results.iter_mut()).zip(refused) {
-            let outcome = match (result.take(), refusal, &item.value.verdict) {
+        let now = self.clock.now_ms();
+        let mut outcomes = Vec::with_capacity(items.len());
+        for (i, (item, refusal)) in items.iter().zip(refused).enumerate() {
+            let outcome = match (results[i].take(), refusal, &item.value.verdict) {
                 (Some(row), None, _) => {
                     self.metrics.count(super::counters::RESULTS_STORED, 1);
-                    Ok(row)
+                    let mine: Vec<OutputRow> = outputs.iter().filter(|o| o.position() == row.position()).cloned().collect();
+                    Ok((row, mine))
                 }
                 (Some(_), Some(reason), _) => Err(Failure {
                     step: "persist_result",
@@ -188,6 +225,12 @@ impl Stage for Persist {
                 }),
                 (None, _, Verdict::Decided(_)) => unreachable!("a decided request has a result row"),
             };
+            outcomes.push(outcome.map_err(|f| compensation(&item.value, &item.record, &f, now)));
+        }
+        let events: Vec<InferenceCompensation> = outcomes.iter().filter_map(|o| o.as_ref().err().cloned()).collect();
+        request_compensations(&self.store, &self.resilient, &events, "persist").await?;
+        let mut out = Vec::with_capacity(items.len());
+        for (item, outcome) in items.into_iter().zip(outcomes) {
             out.push(Outcome::Continue(Persisted { invoked: item.value, outcome }));
         }
         Ok(out)

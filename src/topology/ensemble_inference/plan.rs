@@ -1,4 +1,4 @@
-//! Stage 2: which models a request asks, how their answers are combined,
+//! Stage 3: which models a request asks, how their answers are combined,
 //! and how long they have. A request names its models (`model_ids`) or a configured
 //! ensemble (`ensemble`, whose rollout flags may add a model for a sticky
 //! share of correlation ids); its own `aggregation`, `quorum` and `weights`

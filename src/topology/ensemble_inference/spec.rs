@@ -20,6 +20,7 @@ use crate::topology::spec::{StageRule, TopologySpec};
 #[serde(tag = "name", rename_all = "kebab-case")]
 pub enum StageSpec {
     Decode(DecodeSpec),
+    Recall(DecodeSpec),
     Plan(PlanSpec),
     Invoke(InvokeSpec),
     Persist(PersistSpec),
@@ -161,6 +162,7 @@ impl StageSpec {
     pub fn name(&self) -> &'static str {
         match self {
             StageSpec::Decode(_) => "decode",
+            StageSpec::Recall(_) => "recall",
             StageSpec::Plan(_) => "plan",
             StageSpec::Invoke(_) => "invoke",
             StageSpec::Persist(_) => "persist",
@@ -172,6 +174,7 @@ impl StageSpec {
 /// The stages of ensemble inference, in the only order they run; all required.
 pub const RULES: &[StageRule] = &[
     StageRule { name: "decode", required: true },
+    StageRule { name: "recall", required: true },
     StageRule { name: "plan", required: true },
     StageRule { name: "invoke", required: true },
     StageRule { name: "persist", required: true },
@@ -291,6 +294,7 @@ impl Stages {
             .map(|stage| {
                 let detail = match stage {
                     StageSpec::Decode(_) => format!("Confluent wire format (or JSON by content-type header) -> {}", spec.source.schema),
+                    StageSpec::Recall(_) => "a redelivered request that has a compensation or a live result is answered with it again, not decided again".to_string(),
                     StageSpec::Plan(p) => format!(
                         "models and strategy from the request or one of the ensembles {:?}; deadline {} ms unless the request sets one{}",
                         p.ensemble.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
