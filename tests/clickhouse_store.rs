@@ -130,13 +130,14 @@ async fn migrate_creates_the_tables_and_is_idempotent() {
     let tables = store
         .query_scalar_u64(
             "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name IN \
-             ('hartonomous_migrations', 'atoms', 'dead_letters', 'atoms_per_source_hour', 'atoms_per_source_hour_mv', 'atom_arrivals')",
+             ('hartonomous_migrations', 'atoms', 'dead_letters', 'atoms_per_source_hour', 'atoms_per_source_hour_mv', 'atom_arrivals', \
+             'inference_results', 'inference_results_live', 'model_outputs', 'model_outputs_live', 'inference_compensations')",
         )
         .await
         .unwrap();
-    assert_eq!(tables, 6);
+    assert_eq!(tables, 11);
     // The rebuild of 005 left nothing behind.
-    assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase()").await.unwrap(), 6);
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase()").await.unwrap(), 11);
     assert_eq!(store.query_scalar_u64("SELECT count() FROM hartonomous_migrations").await.unwrap(), all.len() as u64);
 
     // Another store with migrate_on_start finds everything in place.
@@ -165,6 +166,12 @@ async fn migrate_by_hand_up_to(db: &TestDb, last: &str) {
             return;
         }
     }
+}
+
+/// The names of the bundled migrations after `last`, in order: what a
+/// database migrated by hand up to `last` still needs.
+fn applied_after(last: &str) -> Vec<String> {
+    MIGRATIONS.iter().map(|(name, _)| name.to_string()).skip_while(|name| name != last).skip(1).collect()
 }
 
 /// Rows of the old `atoms` (no first_wins_rank), the way the store wrote them.
@@ -203,7 +210,7 @@ async fn a_database_from_before_005_is_rebuilt_keeping_its_rows_and_the_first_ar
     let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
     assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms FINAL WHERE trace_id = 'later'").await.unwrap(), 1, "old engine: the later row wins");
     let applied = store.migrate().await.unwrap();
-    assert_eq!(applied, vec!["004_atom_arrivals.sql".to_string(), "005_atoms_first_arrival_wins.sql".to_string()]);
+    assert_eq!(applied, applied_after("003_atoms_per_source_hour.sql"));
 
     assert_eq!(store.count_atoms_final().await.unwrap(), 11, "every atom kept");
     assert_eq!(store.query_scalar_u64("SELECT count() FROM atoms FINAL WHERE trace_id = 'first'").await.unwrap(), 1, "the first arrival wins now");
@@ -230,7 +237,7 @@ async fn a_rebuild_interrupted_after_its_rename_completes_on_the_next_migrate() 
     }
     let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
     assert_eq!(store.count_atoms_final().await.unwrap(), 0);
-    assert_eq!(store.migrate().await.unwrap(), vec!["005_atoms_first_arrival_wins.sql".to_string()]);
+    assert_eq!(store.migrate().await.unwrap(), applied_after("004_atom_arrivals.sql"));
     assert_eq!(store.count_atoms_final().await.unwrap(), 25, "the copy ran on the retry");
     assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'atoms_before_005'").await.unwrap(), 0);
     assert_eq!(store.query_scalar_u64("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour").await.unwrap(), 25, "the view was rebuilt and fed");
@@ -252,11 +259,27 @@ async fn concurrent_migrations_of_an_old_database_are_serialized() {
         applied.extend(r.expect("every concurrent migrate succeeds"));
     }
     applied.sort();
-    assert_eq!(applied, vec!["004_atom_arrivals.sql".to_string(), "005_atoms_first_arrival_wins.sql".to_string()], "each file applied once");
+    assert_eq!(applied, applied_after("003_atoms_per_source_hour.sql"), "each file applied once");
     let store = &stores[0];
     assert_eq!(store.count_atoms_final().await.unwrap(), 50);
     let left: Vec<String> = store.query_text("SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name FORMAT TabSeparated").await.unwrap().lines().map(str::to_string).collect();
-    assert_eq!(left, ["atom_arrivals", "atoms", "atoms_per_source_hour", "atoms_per_source_hour_mv", "dead_letters", "hartonomous_migrations"], "no lock or temporary table left");
+    assert_eq!(
+        left,
+        [
+            "atom_arrivals",
+            "atoms",
+            "atoms_per_source_hour",
+            "atoms_per_source_hour_mv",
+            "dead_letters",
+            "hartonomous_migrations",
+            "inference_compensations",
+            "inference_results",
+            "inference_results_live",
+            "model_outputs",
+            "model_outputs_live"
+        ],
+        "no lock or temporary table left"
+    );
 }
 
 #[tokio::test]
