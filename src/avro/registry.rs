@@ -204,6 +204,9 @@ struct State {
     ids: HashMap<String, u32>,
     /// Canonical form of each entry, parallel to `entries`.
     canonical: Vec<String>,
+    /// The file's modification time and length when it was last read or
+    /// written, so a look-up re-reads it only when it changed.
+    seen: Option<(std::time::SystemTime, u64)>,
 }
 
 impl State {
@@ -262,10 +265,14 @@ impl State {
 /// one). Reopening the file yields the same ids, in this process or another.
 ///
 /// Parsed schemas are cached in memory and all access goes through a mutex,
-/// so one `FileRegistry` may be shared between threads. The file itself is
-/// **not** locked: two processes may use it one after the other, but not at
-/// the same time (the later writer would overwrite registrations it never
-/// loaded).
+/// so one `FileRegistry` may be shared between threads. Processes may share
+/// the file too (an ingestion processor and a compensation consumer on one
+/// machine): a registration takes an exclusive lock on `<file>.lock` and
+/// re-reads the file under it before choosing an id, so two processes never
+/// hand out one id for two schemas, and neither overwrites the other's
+/// entries. A look-up of an id this process has not seen re-reads the file
+/// when it changed since the last read, so an id another process registered
+/// is found, not dead-lettered as unknown.
 pub struct FileRegistry {
     path: PathBuf,
     state: Mutex<State>,
@@ -277,14 +284,24 @@ impl FileRegistry {
     /// parent directory).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, RegistryError> {
         let path = path.as_ref().to_path_buf();
-        let state = match fs::read(&path) {
-            Ok(bytes) => load(&path, &bytes)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => {
-                return Err(RegistryError::Unavailable(format!("reading {}: {e}", path.display())));
-            }
-        };
+        let mut state = State::default();
+        reload(&path, &mut state)?;
         Ok(Self { path, state: Mutex::new(state) })
+    }
+
+    /// Takes the exclusive lock that serialises registrations across
+    /// processes; it is released when the returned file is dropped.
+    fn lock_file(&self) -> Result<fs::File, RegistryError> {
+        let mut name = self.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(".lock");
+        let lock_path = self.path.with_file_name(name);
+        let io = |e: std::io::Error| RegistryError::Unavailable(format!("locking {}: {e}", lock_path.display()));
+        if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io)?;
+        file.lock().map_err(io)?;
+        Ok(file)
     }
 
     /// Where this registry is stored.
@@ -295,7 +312,13 @@ impl FileRegistry {
     /// The schema registered under `id` (synchronous form of
     /// [`SchemaRegistry::schema_by_id`]).
     pub fn get(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
-        self.lock().schemas.get(&id).cloned().ok_or(RegistryError::UnknownId(id))
+        let mut state = self.lock();
+        if let Some(schema) = state.schemas.get(&id) {
+            return Ok(schema.clone());
+        }
+        // Another process may have registered it since this one last read.
+        reload(&self.path, &mut state)?;
+        state.schemas.get(&id).cloned().ok_or(RegistryError::UnknownId(id))
     }
 
     /// Registers or finds `schema` under `subject` (synchronous form of
@@ -303,6 +326,13 @@ impl FileRegistry {
     pub fn register_schema(&self, subject: &str, schema: &Schema) -> Result<u32, RegistryError> {
         let canonical = schema.canonical_form();
         let mut state = self.lock();
+        if let Some(id) = state.find(subject, &canonical) {
+            return Ok(id);
+        }
+        // Ids are chosen from the file as it is now, under the lock, and the
+        // lock is held until the new file is in place.
+        let _held = self.lock_file()?;
+        reload(&self.path, &mut state)?;
         if let Some(id) = state.find(subject, &canonical) {
             return Ok(id);
         }
@@ -323,6 +353,7 @@ impl FileRegistry {
         entries.push(entry.clone());
         persist(&self.path, &entries)?;
         state.insert(entry, parsed).map_err(RegistryError::Invalid)?;
+        state.seen = file_stamp(&self.path);
         Ok(id)
     }
 
@@ -387,6 +418,31 @@ impl SchemaRegistry for FileRegistry {
         schema: &Schema,
     ) -> BoxFuture<'_, Result<u32, RegistryError>> {
         Box::pin(std::future::ready(self.register_schema(subject, schema)))
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Replaces `state` with the file's content if the file changed since
+/// `state` was read. Every registration reaches the file before memory, so
+/// the file is always a superset of what this process holds. A missing file
+/// is an empty registry.
+fn reload(path: &Path, state: &mut State) -> Result<(), RegistryError> {
+    let stamp = file_stamp(path);
+    if stamp.is_some() && stamp == state.seen {
+        return Ok(());
+    }
+    match fs::read(path) {
+        Ok(bytes) => {
+            *state = load(path, &bytes)?;
+            state.seen = stamp;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RegistryError::Unavailable(format!("reading {}: {e}", path.display()))),
     }
 }
 
@@ -646,12 +702,34 @@ mod tests {
                 (4, "atoms.ingested-value", 1),
             ]
         );
-        // No temporary files left behind.
-        let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+        // No temporary files left behind; the lock file stays, empty.
+        let mut names: Vec<_> = fs::read_dir(path.parent().unwrap())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names, vec!["registry.json"]);
+        names.sort();
+        assert_eq!(names, vec!["registry.json", "registry.json.lock"]);
+    }
+
+    /// Two processes opened the file before either registered anything (an
+    /// inference processor and its compensation consumer started together):
+    /// each registration lands on the file as it is now, ids never collide,
+    /// and each finds the other's ids.
+    #[test]
+    fn two_openers_of_one_file_never_share_an_id_and_see_each_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.json");
+        let a = FileRegistry::open(&path).unwrap();
+        let b = FileRegistry::open(&path).unwrap();
+        let ingested = a.register_schema("atoms.ingested-value", &v(ATOM_INGESTED, 1)).unwrap();
+        let dlq = b.register_schema("atoms.dlq-value", &v(DEAD_LETTER, 1)).unwrap();
+        assert_ne!(ingested, dlq);
+        assert_eq!(b.get(ingested).unwrap().canonical_form(), v(ATOM_INGESTED, 1).canonical_form());
+        assert_eq!(a.get(dlq).unwrap().canonical_form(), v(DEAD_LETTER, 1).canonical_form());
+        // `a` registering what `b` already did finds b's id, adds nothing.
+        assert_eq!(a.register_schema("atoms.dlq-value", &v(DEAD_LETTER, 1)).unwrap(), dlq);
+        assert_eq!(FileRegistry::open(&path).unwrap().list().len(), 2);
+        assert!(matches!(a.get(99), Err(RegistryError::UnknownId(99))));
     }
 
     #[test]
@@ -718,14 +796,17 @@ mod tests {
         assert!(matches!(err, RegistryError::Unavailable(_)), "{err:?}");
         assert_eq!(err.class(), ErrorClass::Retry);
         assert!(registry.list().is_empty());
-        assert_eq!(registry.get(1).unwrap_err(), RegistryError::UnknownId(1));
-        let names: Vec<_> = fs::read_dir(dir.path())
+        // An unseen id re-reads the file, which cannot be read now: retry.
+        assert!(matches!(registry.get(1), Err(RegistryError::Unavailable(_))));
+        let mut names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(names, vec!["registry.json"], "temporary file removed");
+        names.sort();
+        assert_eq!(names, vec!["registry.json", "registry.json.lock"], "temporary file removed");
         // Once the obstacle is gone the same registration succeeds with id 1.
         fs::remove_dir(&path).unwrap();
+        assert_eq!(registry.get(1).unwrap_err(), RegistryError::UnknownId(1));
         assert_eq!(registry.register_schema("s-value", &v(DEAD_LETTER, 1)).unwrap(), 1);
         assert_eq!(
             FileRegistry::open(&path).unwrap().get(1).unwrap().canonical_form(),
