@@ -397,3 +397,34 @@ fn query_against_a_missing_clickhouse_database_fails_and_creates_nothing() {
     assert!(err.contains(&db.0) && err.contains("does not exist") && err.contains("migrate"), "{err}");
     assert!(!db.exists(), "query created database {}", db.0);
 }
+
+/// The inference processor republishes a compensation it recalls after a
+/// crash, so the compensation consumer can meet one request's event more
+/// than once, in separate windows. The request is announced once. (Whether
+/// the windows overlap in the stages depends on timing here; the unit test
+/// in `compensation.rs` forces the overlap.)
+#[test]
+fn a_compensation_event_met_twice_is_announced_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let declaration = dir.path().join("one-per-window.toml");
+    let bundled = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/topologies/inference-compensation.toml")).unwrap();
+    std::fs::write(&declaration, bundled.replace("max_records = 500", "max_records = 1")).unwrap();
+    let event = |request: &str, offset: i64| {
+        serde_json::json!({
+            "request_id": request, "correlation_id": format!("c-{request}"), "failed_step": "aggregate",
+            "reason_code": "aggregate.no_result", "reason": "no quorum", "done_steps": ["reserve", "invoke"],
+            "models": ["keywords", "lexicon"], "reservations": 2, "source_topic": "inference.requests",
+            "source_partition": 0, "source_offset": offset, "failed_at_ms": 1_700_000_000_000i64
+        })
+        .to_string()
+    };
+    // r1 three times, with another request between its copies.
+    let lines = [event("r1", 7), event("r2", 8), event("r1", 7), event("r3", 9), event("r1", 7)];
+    let input = dir.path().join("compensations.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = ok(hartonomous(&dir.path().join("data"), &["run", "--topology", declaration.to_str().unwrap(), "--input", input.to_str().unwrap()]));
+    assert_eq!(summary_number(&out, "announced"), 3, "{out}");
+    assert_eq!(summary_number(&out, "already announced"), 2, "{out}");
+    let q = ok(hartonomous(&dir.path().join("data"), &["query", "SELECT count(*) AS n FROM inference_compensations WHERE step = 3"]));
+    assert_eq!(cell(&q), "3", "{q}");
+}

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::error::{classify, with_context};
@@ -17,8 +16,12 @@ use crate::record::{Headers, Position, Record, TopicPartition};
 
 /// Bound on one metadata or watermark request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// A read ends at the partition's end, or when nothing arrived for this
-/// long (tansu's end-of-partition signal follows its lagging watermark).
+/// A read ends when nothing arrived for this long. The end-of-partition
+/// signal is not trusted: librdkafka raises it when the fetch position
+/// reaches the high watermark the broker reports, and tansu reports the
+/// start of its last stored batch + 1 (../shared/INFRA.md), so the signal
+/// can come before records that are there. Reads are rare (a compensation
+/// resumed after a crash), so waiting out the idle time is affordable.
 const IDLE_END: Duration = Duration::from_secs(2);
 /// Longest a read may take in all.
 const READ_LIMIT: Duration = Duration::from_secs(60);
@@ -36,7 +39,7 @@ impl KafkaScanner {
         let mut c = self.config.client_config()?;
         // A group id is required by librdkafka for a consumer; this one is
         // never joined (assign only) and never commits.
-        c.set("group.id", "hartonomous-scan").set("enable.auto.commit", "false").set("enable.partition.eof", "true");
+        c.set("group.id", "hartonomous-scan").set("enable.auto.commit", "false").set("enable.partition.eof", "false");
         c.create_with_context(LogContext { name: "scan" }).map_err(|e| with_context(classify(&e), "creating the kafka scan consumer"))
     }
 
@@ -82,8 +85,6 @@ impl LogScan for KafkaScanner {
                 while last.elapsed() < IDLE_END && started.elapsed() < READ_LIMIT {
                     match c.poll(Duration::from_millis(200)) {
                         None => {}
-                        Some(Err(KafkaError::PartitionEOF(_))) => break,
-                        Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) => break,
                         Some(Err(e)) => return Err(e),
                         Some(Ok(m)) => {
                             last = Instant::now();

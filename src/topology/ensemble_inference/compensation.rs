@@ -283,19 +283,20 @@ fn announcement(c: &Compensating) -> InferenceCompensated {
 }
 
 impl Announce {
-    /// Whether the announcement of `c` is on `tp` at or after `from`.
-    async fn already_sent(&self, tp: &TopicPartition, from: i64, c: &Compensating) -> Result<bool, Fatal> {
+    /// The requests whose announcement is on `tp` at or after `from`: one
+    /// read of the partition for every request of the window that a crash
+    /// left at step 2 there.
+    async fn announced_on(&self, tp: &TopicPartition, from: i64) -> Result<std::collections::HashSet<SourcePosition>, Fatal> {
         let scan = self.scan.clone();
         let records = self.resilient.call(|| scan.read_from(tp, from)).await.map_err(|e| Fatal::new("announce", format!("reading {tp} back: {e}")))?;
+        let mut found = std::collections::HashSet::new();
         for r in records {
             // Anything that is not an announcement is not ours: skip it.
             let Ok((_, value)) = self.decoder.decode(&r.payload).await else { continue };
             let Ok(sent) = crate::topology::decode::to_typed::<InferenceCompensated>(&value) else { continue };
-            if sent.source_topic == c.event.source_topic && sent.source_partition == c.event.source_partition && sent.source_offset == c.event.source_offset {
-                return Ok(true);
-            }
+            found.insert(SourcePosition::new(sent.source_topic, sent.source_partition, sent.source_offset));
         }
-        Ok(false)
+        Ok(found)
     }
 }
 
@@ -303,14 +304,40 @@ impl Stage for Announce {
     type In = Compensating;
     type Out = ();
 
-    async fn process(&mut self, items: Vec<Item<Compensating>>) -> Result<Vec<Outcome<()>>, Fatal> {
+    async fn process(&mut self, mut items: Vec<Item<Compensating>>) -> Result<Vec<Outcome<()>>, Fatal> {
         let store = self.store.clone();
         let scan = self.scan.clone();
+        // Where each request stands now. Retract read its state while the
+        // previous window was still being announced, so a request that event
+        // carried twice (the inference processor republishes a compensation
+        // it recalls after a crash) may have been announced since. Announce
+        // is the only writer of steps 2 and 3 and runs one window at a time,
+        // so this read is the truth.
+        let positions: Vec<SourcePosition> = items.iter().map(|i| i.value.event.position()).collect();
+        let current = stored(&self.resilient, "announce", || store.compensations(&positions)).await?;
+        for item in &mut items {
+            if let Some(now) = current.get(&item.value.event.position()).filter(|now| now.step > item.value.state.step) {
+                item.value.state = now.clone();
+            }
+        }
         let topic = self.emitter.topic().to_string();
         let partitions = self.resilient.call(|| scan.partitions(&topic)).await.map_err(|e| Fatal::new("announce", e.to_string()))?;
         let mut done = Vec::new();
         let mut to_send: Vec<(usize, TopicPartition)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        // Requests a crash left at step 2: read each partition they recorded
+        // once, from the lowest recorded offset.
+        let mut resume_from: HashMap<i32, i64> = HashMap::new();
+        for item in &items {
+            if item.value.state.step() == Some(CompensationStep::Announcing) {
+                let from = resume_from.entry(item.value.state.announce_partition).or_insert(i64::MAX);
+                *from = (*from).min(item.value.state.announce_offset);
+            }
+        }
+        let mut found_after_crash = std::collections::HashSet::new();
+        for (partition, from) in resume_from {
+            found_after_crash.extend(self.announced_on(&TopicPartition::new(topic.as_str(), partition), from).await?);
+        }
         for (i, item) in items.iter().enumerate() {
             let c = &item.value;
             let tp = TopicPartition::new(topic.as_str(), item.record.position.tp.partition.rem_euclid(partitions));
@@ -321,7 +348,7 @@ impl Stage for Announce {
             }
             match c.state.step() {
                 Some(CompensationStep::Announced) => self.metrics.count(ALREADY_ANNOUNCED, 1),
-                Some(CompensationStep::Announcing) if self.already_sent(&TopicPartition::new(topic.as_str(), c.state.announce_partition), c.state.announce_offset, c).await? => {
+                Some(CompensationStep::Announcing) if found_after_crash.contains(&c.event.position()) => {
                     self.metrics.count(ALREADY_ANNOUNCED, 1);
                     self.metrics.count(FOUND_AFTER_CRASH, 1);
                     done.push(c.state.at(CompensationStep::Announced));
@@ -373,5 +400,74 @@ impl Stage for Announce {
         }
         stored(&self.resilient, "announce", || store.record_compensations(&done)).await?;
         Ok(outcomes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::avro::FileRegistry;
+    use crate::clock::ManualClock;
+    use crate::flow::Stage;
+    use crate::log::embedded::EmbeddedLog;
+    use crate::record::{Headers, Position, Record};
+    use crate::resilience::CircuitBreaker;
+    use crate::store::embedded::EmbeddedStore;
+
+    const OUT: &str = "inference.compensated";
+
+    fn event(request: &str, offset: i64) -> InferenceCompensation {
+        InferenceCompensation {
+            request_id: request.into(),
+            correlation_id: format!("c-{request}"),
+            failed_step: "aggregate".into(),
+            reason_code: "aggregate.no_result".into(),
+            reason: "no quorum".into(),
+            done_steps: vec!["reserve".into(), "invoke".into()],
+            models: vec!["a".into(), "b".into()],
+            reservations: 2,
+            source_topic: "inference.requests".into(),
+            source_partition: 0,
+            source_offset: offset,
+            failed_at_ms: 1_000,
+        }
+    }
+
+    fn item(event: &InferenceCompensation, state: CompensationRow, offset: i64) -> Item<Compensating> {
+        let record = Record { position: Position { tp: TopicPartition::new("inference.compensations", 0), offset }, key: None, payload: Vec::new(), headers: Headers::new(), event_time_ms: 0 };
+        Item { record: Arc::new(record), value: Compensating { event: event.clone(), state } }
+    }
+
+    /// Retract hands announce the state it read, which may be older than
+    /// the store's by the time announce runs: the same request's event in an
+    /// earlier window was announced in between. Announce goes by the store.
+    #[tokio::test]
+    async fn a_request_announced_since_retract_read_it_is_not_announced_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000).shared();
+        let log = EmbeddedLog::new(clock.clone());
+        log.create_topic(OUT, 1);
+        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let registry: Arc<dyn crate::avro::SchemaRegistry> = Arc::new(FileRegistry::open(dir.path().join("registry.json")).unwrap());
+        let resilient = || Resilient::new(RetryConfig::forever(), Arc::new(CircuitBreaker::new("t", BreakerConfig::default())), clock.clone());
+        let emitter = Emitter::new("announce", Arc::new(log.producer()), registry.as_ref(), OUT, crate::avro::INFERENCE_COMPENSATED, resilient()).await.unwrap();
+        let announced = crate::avro::Schemas::current(crate::avro::INFERENCE_COMPENSATED).unwrap().schema.clone();
+        let metrics = Arc::new(Metrics::new("inference-compensation"));
+        let mut announce = Announce { emitter, store: store.clone(), scan: Arc::new(log.clone()), decoder: Decoder::new(registry, announced), resilient: resilient(), metrics: metrics.clone() };
+
+        let (once, twice) = (event("r1", 7), event("r2", 8));
+        let stale = |e: &InferenceCompensation| retracted(e, 1_000);
+        // Window 1 announces both; window 2 carries r1 again with the state
+        // retract read before window 1 was announced, and r2 at step 2 as a
+        // crash would have left it.
+        announce.process(vec![item(&once, stale(&once), 0), item(&twice, stale(&twice), 1)]).await.unwrap();
+        assert_eq!(log.records(OUT).len(), 2);
+        let at_step_2 = CompensationRow { announce_partition: 0, announce_offset: 0, ..stale(&twice).at(CompensationStep::Announcing) };
+        announce.process(vec![item(&once, stale(&once), 2), item(&twice, at_step_2, 3)]).await.unwrap();
+        assert_eq!(log.records(OUT).len(), 2, "nothing announced twice");
+        assert_eq!(metrics.value(ANNOUNCED), 2);
+        assert_eq!(metrics.value(ALREADY_ANNOUNCED), 2);
+        let states = store.compensations(&[once.position(), twice.position()]).await.unwrap();
+        assert!(states.values().all(|s| s.step() == Some(CompensationStep::Announced)), "{states:?}");
     }
 }
