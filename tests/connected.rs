@@ -17,6 +17,10 @@
 //! time (`SERIAL`). Each uses topics, a consumer group and a database of its
 //! own. Long soak variants: `tests/soak.sh`.
 
+mod common;
+
+use common::services::{clickhouse_url, kafka_addr, profile_toml, require_services, step, unique};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,62 +30,26 @@ use std::time::{Duration, Instant};
 use hartonomous::atom::{ArrivalOutcome, AtomIngested, ContentHash};
 use hartonomous::avro::{self, FileRegistry, Schemas};
 use hartonomous::dead_letter;
-use hartonomous::log::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
-use hartonomous::log::{LogConsumer, LogProducer};
+use hartonomous::log::kafka::{KafkaConfig, KafkaProducer};
+use hartonomous::log::LogProducer;
 use hartonomous::record::{Headers, OutgoingRecord, Record};
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn kafka_addr() -> String {
-    std::env::var("HARTONOMOUS_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
-}
-
-fn clickhouse_url() -> String {
-    std::env::var("HARTONOMOUS_TEST_CLICKHOUSE").unwrap_or_else(|_| "http://127.0.0.1:18123".into())
-}
 
 fn services() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/services.sh")
 }
 
-/// Fails loudly when a service is missing: these tests never skip.
-fn require_services() {
-    let kafka = kafka_addr();
-    let ch = clickhouse_url().trim_start_matches("http://").to_string();
-    for (name, addr) in [("Kafka", kafka.as_str()), ("ClickHouse", ch.as_str())] {
-        let sock: std::net::SocketAddr = addr.parse().unwrap_or_else(|_| panic!("{name} address {addr} is not host:port"));
-        if std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2)).is_err() {
-            panic!("{name} is not reachable at {addr}: start the test services with `tests/services.sh up` (tests/run.sh does this)");
-        }
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{prefix}_{}_{}_{}", std::process::id(), nanos, N.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
-}
 
 fn kafka_config() -> KafkaConfig {
-    let mut k = KafkaConfig::default();
-    k.bootstrap_servers = kafka_addr();
-    k.session_timeout_ms = 6000;
-    k.heartbeat_interval_ms = 500;
-    k.create_topics = true;
+    let mut k = common::services::kafka_config();
     // Producers of the tests outlive broker outages.
     k.properties.insert("message.timeout.ms".into(), "300000".into());
     k
 }
 
-fn step(what: &str) {
-    eprintln!("[{}] {what}", chrono_like_now());
-}
-
-fn chrono_like_now() -> String {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    format!("{}.{:03}", (ms / 1000) % 100_000, ms % 1000)
-}
 
 // ---------------------------------------------------------------------------
 // Workloads
@@ -196,40 +164,8 @@ impl Setup {
             None => format!("kind = \"file\"\npath = \"{}\"", dir.path().join("registry.json").display()),
         };
         let profile = dir.path().join("profile.toml");
-        std::fs::write(
-            &profile,
-            format!(
-                r#"data_dir = "{data}"
-
-[log]
-kind = "kafka"
-bootstrap_servers = "{kafka}"
-session_timeout_ms = 6000
-heartbeat_interval_ms = 500
-create_topics = true
-
-[log.properties]
-"message.timeout.ms" = "600000"
-
-[store]
-kind = "clickhouse"
-url = "{ch}"
-database = "{database}"
-request_timeout_ms = 10000
-
-[registry]
-{registry}
-
-[embedder]
-{embedder}
-"#,
-                embedder = embedder.unwrap_or_else(|| "kind = \"hashing\"\ndimension = 64\nmax_batch = 256".into()),
-                data = dir.path().join("data").display(),
-                kafka = kafka_addr(),
-                ch = clickhouse_url(),
-            ),
-        )
-        .unwrap();
+        let embedder = embedder.unwrap_or_else(|| "kind = \"hashing\"\ndimension = 64\nmax_batch = 256".into());
+        std::fs::write(&profile, profile_toml(dir.path(), &database, &registry, &embedder, "\"message.timeout.ms\" = \"600000\"")).unwrap();
         let topology = dir.path().join("topology.toml");
         let text = hartonomous::topology::TOPOLOGIES[0]
             .declaration()
@@ -384,26 +320,9 @@ request_timeout_ms = 10000
             && self.scalar("SELECT count() FROM dead_letters FINAL").await == e.malformed.len() as u64
     }
 
-    /// Every record on `topic`, read from the start by a fresh group, once
-    /// at least `expected` are there and no more arrive for two seconds.
+    /// Every record on `topic` (see `common::read_topic`).
     async fn read_topic(&self, topic: &str, expected: usize) -> Vec<Record> {
-        let mut consumer = KafkaConsumer::new(&kafka_config(), &unique("reader"), &[topic]).unwrap();
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut quiet_since = Instant::now();
-        while Instant::now() < deadline {
-            let got = consumer.poll(5000, Duration::from_millis(200)).await.unwrap();
-            if got.is_empty() {
-                if out.len() >= expected && quiet_since.elapsed() > Duration::from_secs(2) {
-                    break;
-                }
-            } else {
-                quiet_since = Instant::now();
-                out.extend(got);
-            }
-        }
-        consumer.close().await;
-        out
+        common::read_topic(&kafka_config(), topic, expected, Duration::from_secs(120)).await
     }
 
     async fn outputs(&self, e: &Expected) -> Outputs {

@@ -153,25 +153,9 @@ impl Run {
     }
 }
 
-/// Every record of `topic` from the start, once `expected` arrived and a moment passed.
+/// Every record of `topic` from the start (see `common::read_topic`).
 async fn read_all(config: &KafkaConfig, topic: &str, expected: usize) -> Vec<Record> {
-    let mut c = KafkaConsumer::new(config, &unique("reader"), &[topic]).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + DEADLINE;
-    let mut quiet = Instant::now();
-    while Instant::now() < deadline {
-        let got = c.poll(1000, Duration::from_millis(200)).await.unwrap();
-        if got.is_empty() {
-            if out.len() >= expected && quiet.elapsed() > Duration::from_secs(2) {
-                break;
-            }
-        } else {
-            quiet = Instant::now();
-            out.extend(got);
-        }
-    }
-    c.close().await;
-    out
+    common::read_topic(config, topic, expected, DEADLINE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

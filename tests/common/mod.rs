@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod rows;
+pub mod services;
 pub mod tls;
 
 use std::path::Path;
@@ -110,4 +111,30 @@ pub async fn count_embedded(store: &hartonomous::store::embedded::EmbeddedStore,
     use arrow::array::AsArray;
     let batches = store.query(sql).await.unwrap();
     batches[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0)
+}
+
+/// Every record on `topic`, read from the start by a fresh consumer group,
+/// once at least `expected` arrived and no more came for two seconds (or
+/// `within` passed: the caller's assertions then show what is missing).
+pub async fn read_topic(config: &hartonomous::log::kafka::KafkaConfig, topic: &str, expected: usize, within: std::time::Duration) -> Vec<hartonomous::record::Record> {
+    use hartonomous::log::LogConsumer;
+    use std::time::{Duration, Instant};
+    let group = format!("reader-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let mut consumer = hartonomous::log::kafka::KafkaConsumer::new(config, &group, &[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        let got = consumer.poll(5000, Duration::from_millis(200)).await.unwrap();
+        if got.is_empty() {
+            if out.len() >= expected && quiet_since.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+        } else {
+            quiet_since = Instant::now();
+            out.extend(got);
+        }
+    }
+    consumer.close().await;
+    out
 }
