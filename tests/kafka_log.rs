@@ -371,6 +371,52 @@ async fn group_members_split_partitions_and_revoked_offsets_are_committed_before
     c1.close().await;
 }
 
+/// librdkafka keeps a partition's pause across revoke and re-assignment;
+/// the consumer must not: a partition paused when it went to another member
+/// (or when the session timed out during a broker outage) is fetched again
+/// when it comes back, once the owner's intent says resumed. This is how the
+/// runner resumes (its current assignment), and before the fix the handed-
+/// back partition was never fetched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_when_revoked_is_fetched_again_when_it_comes_back() {
+    let config = broker();
+    let t = topic(&config, "repause", 2).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    let records: Vec<_> = (0..20).map(|i| rec(&t, Some(i % 2), "k", &format!("v{i}"))).collect();
+    send_all(&producer, &records).await;
+    let group = unique("repause-group");
+
+    let mut c1 = KafkaConsumer::new(&config, &group, &[&t]).unwrap();
+    let mut ignored = Vec::new();
+    poll_until(&mut c1, &mut ignored, "c1 owns both partitions", |_, c| c.assignment().len() == 2).await;
+    c1.pause(&c1.assignment()).unwrap();
+
+    let mut c2 = KafkaConsumer::new(&config, &group, &[&t]).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (a1, a2) = (c1.assignment(), c2.assignment());
+        if a1.len() == 1 && a2.len() == 1 && a1 != a2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the group did not split: c1 {a1:?}, c2 {a2:?}");
+        let (r1, r2) = tokio::join!(c1.poll(500, Duration::from_millis(100)), c2.poll(500, Duration::from_millis(100)));
+        ignored.extend(r1.unwrap());
+        r2.unwrap();
+    }
+    let moved = c2.assignment().remove(0);
+    // Backpressure over: the runner resumes what it owns now.
+    c1.resume(&c1.assignment()).unwrap();
+
+    let closing = tokio::spawn(c2.close());
+    let mut back = Vec::new();
+    poll_until(&mut c1, &mut back, "c1 owns both partitions again", |_, c| c.assignment().len() == 2).await;
+    tokio::time::timeout(DEADLINE, closing).await.expect("close timed out").unwrap();
+    // Nothing was committed, so the handed-back partition is read from its start.
+    poll_until(&mut c1, &mut back, "c1 reads the partition it got back", |g, _| offsets_of(g, &moved).len() >= 10).await;
+    assert_eq!(offsets_of(&back, &moved), (0..10).collect::<Vec<_>>());
+    c1.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_explicit_partition_is_honoured() {
     let config = broker();

@@ -133,6 +133,21 @@ impl ConsumerContext for KafkaContext {
             }
             for tp in &added {
                 st.assigned.insert(tp.clone(), generation);
+                st.paused.remove(tp);
+            }
+            // librdkafka keeps a partition's application pause across revoke
+            // and re-assignment (confluentinc/librdkafka#1849), while `State`
+            // forgets it on revoke. Left alone, a partition paused when its
+            // assignment was lost (a session timeout during a broker outage)
+            // came back paused in librdkafka but not here: the runner's
+            // resume skipped it and it was never fetched again. A newly
+            // assigned partition therefore starts resumed in both; the
+            // runner pauses it again on its next turn if it means to.
+            if !added.is_empty() {
+                let resumed = tpl_of(added.iter().map(|tp| (tp.clone(), None))).and_then(|tpl| base.resume(&tpl).map_err(|e| classify(&e)));
+                if let Err(e) = resumed {
+                    tracing::warn!(group = %self.shared.group, error = %e, "resuming newly assigned partitions failed");
+                }
             }
             tracing::info!(group = %self.shared.group, assigned = ?added, total = st.assigned.len(), "partitions assigned");
         }
