@@ -531,7 +531,7 @@ async fn topology(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
     let run = tokio::spawn(async move {
-        hartonomous::app::run_kafka(&profile, &spec, async move {
+        hartonomous::app::run_kafka(&profile, &spec, hartonomous::ops::Listen::Off, async move {
             let _ = stopped.await;
         })
         .await

@@ -142,11 +142,32 @@ pub async fn open_store(profile: &Profile) -> anyhow::Result<(Arc<dyn AtomStore>
 
 /// Runs a topology against Kafka until `shutdown` completes, then drains and
 /// commits what finished.
-pub async fn run_kafka(profile: &Profile, spec: &TopologySpec, shutdown: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<Summary> {
+///
+/// With `listen` on, `/metrics`, `/health` and `/ready` are served there for
+/// the whole run; an address that cannot be bound stops the run before it
+/// joins the group.
+pub async fn run_kafka(
+    profile: &Profile,
+    spec: &TopologySpec,
+    listen: crate::ops::Listen,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<Summary> {
     let LogProfile::Kafka(kafka) = &profile.log else {
         anyhow::bail!("this profile's log is not Kafka; `run` without --input needs `[log] kind = \"kafka\"`");
     };
     let clock = crate::clock::system();
+    let metrics = Arc::new(Metrics::new(&spec.name));
+    let breakers = crate::resilience::Breakers::default();
+    let ops = match listen {
+        crate::ops::Listen::Off => None,
+        crate::ops::Listen::On(addr) => {
+            let exporter = Arc::new(crate::ops::Exporter { metrics: metrics.clone(), breakers: breakers.clone(), group: spec.group(), clock: clock.clone() });
+            let (_, task) = crate::ops::serve(addr, exporter).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {addr} for /metrics, /health and /ready: {e}; choose another address with `--listen HOST:PORT` (or HARTONOMOUS_LISTEN), or turn them off with `--listen off`")
+            })?;
+            Some(task)
+        }
+    };
     let registry = open_registry(profile, &spec.source.topic, &spec.source.schema).await?;
     let (store, inference) = open_store(profile).await?;
     let embedder = build_embedder(&profile.embedder, clock.clone())?;
@@ -158,7 +179,6 @@ pub async fn run_kafka(profile: &Profile, spec: &TopologySpec, shutdown: impl st
         let topics: Vec<(&str, i32)> = topics.iter().map(|(t, p)| (t.as_str(), *p)).collect();
         ensure_topics(kafka, &topics).await?;
     }
-    let metrics = Arc::new(Metrics::new(&spec.name));
     let deps = Deps {
         producer: Arc::new(KafkaProducer::new(kafka)?),
         registry,
@@ -168,11 +188,14 @@ pub async fn run_kafka(profile: &Profile, spec: &TopologySpec, shutdown: impl st
         embedder,
         clock,
         metrics: metrics.clone(),
-        breakers: Default::default(),
+        breakers,
     };
     let consumer = KafkaConsumer::new(kafka, &spec.group(), &[spec.source.topic.as_str()])?;
-    let report = topology::run(spec, &deps, consumer, Until::Shutdown, shutdown).await?;
-    Ok(Summary::new(&spec.name, &metrics, report))
+    let report = topology::run(spec, &deps, consumer, Until::Shutdown, shutdown).await;
+    if let Some(task) = ops {
+        task.abort();
+    }
+    Ok(Summary::new(&spec.name, &metrics, report?))
 }
 
 pub fn build_embedder(profile: &EmbedderProfile, clock: SharedClock) -> anyhow::Result<Arc<dyn Embedder>> {

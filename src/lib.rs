@@ -15,6 +15,7 @@ pub mod dead_letter;
 pub mod failpoint;
 pub mod flow;
 pub mod log;
+pub mod ops;
 pub mod config;
 pub mod topology;
 pub mod app;

@@ -49,6 +49,10 @@ enum Command {
         /// JSON lines, or framed wire records written by `produce --output` (embedded log only).
         #[arg(long)]
         input: Option<PathBuf>,
+        /// Where to serve /metrics (Prometheus), /health and /ready while running
+        /// against Kafka: HOST:PORT (port 0 picks a free one), or `off`.
+        #[arg(long, env = "HARTONOMOUS_LISTEN", default_value = hartonomous::ops::DEFAULT_LISTEN, value_name = "HOST:PORT|off")]
+        listen: hartonomous::ops::Listen,
     },
     /// Encode JSON lines as Avro in the Confluent wire format.
     Produce {
@@ -183,7 +187,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 println!("  {event:?}");
             }
         }
-        Command::Run { topology: name, input } => {
+        Command::Run { topology: name, input, listen } => {
             let profile = Profile::load(cli.connectors.as_deref())?;
             let spec = topology::resolve(&name)?;
             match (input, &profile.log) {
@@ -199,7 +203,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
                 (None, LogProfile::Kafka(_)) => {
                     let shutdown = shutdown_signal();
-                    let summary = hartonomous::app::run_kafka(&profile, &spec, shutdown).await?;
+                    let summary = hartonomous::app::run_kafka(&profile, &spec, listen, shutdown).await?;
                     println!("{}", summary.render());
                 }
                 (None, LogProfile::Embedded(_)) => anyhow::bail!("the embedded log starts empty: pass --input FILE, or use a Kafka profile with --connectors"),

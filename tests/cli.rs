@@ -9,6 +9,7 @@ fn hartonomous(data_dir: &Path, args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_hartonomous"))
         .args(args)
         .env("HARTONOMOUS_DATA_DIR", data_dir)
+        .env("HARTONOMOUS_LISTEN", "off")
         .env_remove("HARTONOMOUS_CONNECTORS")
         .output()
         .expect("run hartonomous");

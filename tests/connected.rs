@@ -245,6 +245,9 @@ impl Setup {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hartonomous"));
         cmd.args(["--connectors", self.profile.to_str().unwrap(), "run", "--topology", self.topology.to_str().unwrap()])
             .env("RUST_LOG", "hartonomous=debug,rdkafka=warn")
+            // Several processors run at once in some scenarios; the one test
+            // that scrapes them gives its own address.
+            .env("HARTONOMOUS_LISTEN", "off")
             .env_remove(hartonomous::failpoint::ENV)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -1164,4 +1167,111 @@ async fn the_embedding_service_down_for_20_s_mid_stream_dead_letters_nothing() {
     assert_eq!(log.matches("embedding service unavailable").count(), 1, "one warning for the outage, not one per record:\n{}", s.tail("p"));
     assert!(log.contains("embedding service answers again"), "{}", s.tail("p"));
     assert!(log.contains("while a circuit breaker is open"), "partitions paused for the open breaker:\n{}", s.tail("p"));
+}
+
+// ---------------------------------------------------------------------------
+// Operations: /metrics, /health and /ready of a running processor
+// ---------------------------------------------------------------------------
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The sum of a metric's samples in a text exposition (0 when absent).
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+async fn http_get(client: &reqwest::Client, url: &str) -> Option<(u16, String)> {
+    let r = client.get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.ok()?))
+}
+
+/// The processor serves /health at once, /ready once partitions are
+/// assigned, and /metrics whose lag is positive while a backlog is drained
+/// and falls to 0, with every record counted: in, out, skipped and dead
+/// letters add up to what was produced, and the outputs (tables, events,
+/// dead letters) hold everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_a_backlog_drain_to_zero_lag_with_every_record_counted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A small in-flight budget drains the backlog in many round trips, so
+    // the scrapes below see it while it lasts.
+    let s = Setup::new("ops", 3, |t| t.replace("in_flight_records = 20000", "in_flight_records = 300").replace("max_records = 500", "max_records = 100")).await;
+    let w = Workload::new("ops", 4000, 400, 40);
+    s.produce(&w.inputs).await;
+    let produced = w.inputs.len() as f64;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = s.spawn("p", &[("HARTONOMOUS_LISTEN", addr.as_str())]);
+    let http = hartonomous::tls::http_client("http://127.0.0.1", None, Duration::from_secs(5), "ops test").unwrap();
+    let url = |path: &str| format!("http://{addr}{path}");
+
+    wait_for("/health answers", Duration::from_secs(60), || async { http_get(&http, &url("/health")).await.is_some_and(|(st, body)| st == 200 && body == "ok\n") })
+        .await;
+    let (status, body) = http_get(&http, &url("/nowhere")).await.unwrap();
+    assert_eq!(status, 404, "{body}");
+
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let (mut max_lag, mut ready_seen, mut not_ready_reason) = (0.0f64, false, None);
+    let text = loop {
+        assert!(child.try_wait().unwrap().is_none(), "the processor stopped:\n{}", s.tail("p"));
+        let (status, text) = http_get(&http, &url("/metrics")).await.expect("/metrics answers");
+        assert_eq!(status, 200);
+        let lag = metric_sum(&text, "hartonomous_consumer_lag_records");
+        max_lag = max_lag.max(lag);
+        match http_get(&http, &url("/ready")).await {
+            Some((200, _)) => ready_seen = true,
+            Some((503, reason)) => not_ready_reason = Some(reason),
+            other => panic!("/ready: {other:?}"),
+        }
+        let records_in = metric_sum(&text, "hartonomous_records_in_total");
+        let ended = metric_sum(&text, "hartonomous_records_out_total")
+            + metric_sum(&text, "hartonomous_records_skipped_total")
+            + metric_sum(&text, "hartonomous_dead_letters_total");
+        let partitions = metric_sum(&text, "hartonomous_assigned_partitions");
+        if records_in == produced && ended == produced && lag == 0.0 && partitions == 3.0 && ready_seen {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics did not settle: in {records_in}, ended {ended} of {produced}, lag {lag}, partitions {partitions}, ready seen {ready_seen} ({not_ready_reason:?})\n{text}\n{}",
+            s.tail("p")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(max_lag > 0.0, "the backlog never showed as lag:\n{text}");
+    // Every partition is read and committed to its end.
+    for line in text.lines().filter(|l| l.starts_with("hartonomous_consumer_lag_records{")) {
+        assert!(line.ends_with(" 0"), "{line}");
+    }
+    assert_eq!(metric_sum(&text, "hartonomous_log_end_offset"), produced, "{text}");
+    assert_eq!(metric_sum(&text, "hartonomous_consumer_committed_offset"), produced, "{text}");
+    assert_eq!(metric_sum(&text, "hartonomous_dead_letters_total"), w.inputs.iter().filter(|i| matches!(i, Input::Malformed(..))).count() as f64);
+    assert_eq!(metric_sum(&text, "hartonomous_in_flight_records"), 0.0, "{text}");
+    // Per-stage counts, latency histograms and breaker states are exported with their types.
+    for family in [
+        "# TYPE hartonomous_stage_records_in_total counter",
+        "# TYPE hartonomous_stage_latency_seconds histogram",
+        "# TYPE hartonomous_stage_batch_records histogram",
+        "# TYPE hartonomous_consumer_lag_seconds gauge",
+        "# TYPE hartonomous_circuit_breaker_state gauge",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    assert!(text.contains("hartonomous_stage_latency_seconds_bucket{topology=\"atom-ingestion\",stage=\"persist\",le=\"+Inf\"}"), "{text}");
+    assert!(text.contains("hartonomous_circuit_breaker_state{endpoint=\"store\",state=\"closed\"} 1"), "{text}");
+    // What /metrics says is what the outputs hold.
+    assert!(s.stored_everything(&w.expected).await);
+    let status = terminate(&mut child);
+    assert!(status.success(), "{status}\n{}", s.tail("p"));
+    s.outputs(&w.expected).await.check(&w.expected, "ops");
 }

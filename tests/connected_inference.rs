@@ -297,6 +297,8 @@ compensation_topic = "{compensations}"
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hartonomous"));
         cmd.args(["--connectors", self.profile.to_str().unwrap(), "run", "--topology", declaration.to_str().unwrap()])
             .env("RUST_LOG", "hartonomous=info,rdkafka=warn")
+            // The processor and its compensation consumer run at once.
+            .env("HARTONOMOUS_LISTEN", "off")
             .env_remove(hartonomous::failpoint::ENV)
             .env_remove(hartonomous::failpoint::REFUSE_ENV)
             .stdout(log.try_clone().unwrap())

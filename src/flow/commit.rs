@@ -61,6 +61,11 @@ impl OffsetTracker {
         }
     }
 
+    /// The last offset committed per partition (partitions never committed are absent).
+    pub fn committed(&self) -> BTreeMap<TopicPartition, i64> {
+        self.parts.iter().filter_map(|(tp, t)| t.committed.map(|c| (tp.clone(), c))).collect()
+    }
+
     pub fn in_flight_for(&self, tps: &[TopicPartition]) -> usize {
         tps.iter().filter_map(|tp| self.parts.get(tp)).map(|t| t.in_flight.len()).sum()
     }

@@ -1,11 +1,15 @@
 //! Counters of one topology run. The flow core keeps its own (records in,
 //! commits, pauses, dead letters); a topology's stages keep theirs as
 //! [`Counter`]s labelled by stage, so a new topology adds counters without
-//! touching this file. The summary printed by the CLI reads these.
+//! touching this file. The summary printed by the CLI reads these, and so
+//! does `/metrics` (`crate::ops`), at scrape time: the hot path only bumps
+//! atomics and, once per batch, a stage's tallies.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::record::TopicPartition;
 
 /// A counter a topology's stage keeps, named by the stage and what it counts
 /// (`persist` / `atoms_stored`). Declare them as constants next to the stages.
@@ -27,6 +31,78 @@ impl std::fmt::Display for Counter {
     }
 }
 
+/// Upper bounds (seconds) of the stage latency histogram: 1 ms to 10 s.
+pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds (records) of the batch size histogram.
+pub const BATCH_BUCKETS: [f64; 9] = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0];
+
+/// A histogram as Prometheus keeps one: a count per upper bound (not
+/// cumulative here; the exporter sums them), the sum and the count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tally {
+    pub buckets: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Tally {
+    fn observe(&mut self, bounds: &[f64], value: f64) {
+        if self.buckets.len() != bounds.len() {
+            self.buckets = vec![0; bounds.len()];
+        }
+        if let Some(i) = bounds.iter().position(|b| value <= *b) {
+            self.buckets[i] += 1;
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+}
+
+/// What one stage did, tallied once per batch by the stage task.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageTallies {
+    /// Live records handed to `process`.
+    pub records_in: u64,
+    /// Records it passed on (`Outcome::Continue`).
+    pub records_out: u64,
+    /// Seconds per `process` call, on the run's clock.
+    pub latency: Tally,
+    /// Live records per `process` call.
+    pub batch_records: Tally,
+}
+
+/// Where a partition stands, as the runner last saw it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartitionGauges {
+    /// The next offset the consumer hands out.
+    pub position: i64,
+    /// The log end from the client's statistics (`None` until known).
+    pub end: Option<i64>,
+    /// The last offset this run committed (`None` before its first commit).
+    pub committed: Option<i64>,
+    pub paused: bool,
+    /// Event time of the newest record handed out, for the lag in seconds.
+    pub newest_event_ms: Option<i64>,
+}
+
+impl PartitionGauges {
+    /// Records between the committed offset (or the position, before the
+    /// first commit) and the log end; 0 while the end is unknown.
+    pub fn lag_records(&self) -> i64 {
+        let from = self.committed.unwrap_or(self.position);
+        self.end.map_or(0, |end| (end - from).max(0))
+    }
+
+    /// How far behind the partition is in time: the age of the newest record
+    /// handed out while records remain, 0 when caught up.
+    pub fn lag_seconds(&self, now_ms: i64) -> f64 {
+        match (self.lag_records(), self.newest_event_ms) {
+            (0, _) | (_, None) => 0.0,
+            (_, Some(t)) => ((now_ms - t).max(0) as f64) / 1000.0,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// The topology these counters belong to (a label on every counter).
@@ -37,9 +113,21 @@ pub struct Metrics {
     pub batches: AtomicU64,
     pub commits: AtomicU64,
     pub partition_pauses: AtomicU64,
+    /// Records and bytes polled but not yet acknowledged (set by the runner).
+    pub in_flight_records: AtomicU64,
+    pub in_flight_bytes: AtomicU64,
+    /// When the acker last finished a batch, in ms on the run's clock (0: never).
+    pub last_progress_ms: AtomicI64,
+    /// When the run started, in ms on the run's clock.
+    pub started_ms: AtomicI64,
     skipped: Mutex<BTreeMap<&'static str, u64>>,
     dead_lettered: Mutex<BTreeMap<String, u64>>,
+    /// Dead letters by (stage, reason).
+    dead_lettered_at: Mutex<BTreeMap<(String, String), u64>>,
     counters: Mutex<BTreeMap<Counter, u64>>,
+    stages: Mutex<BTreeMap<&'static str, StageTallies>>,
+    /// The assigned partitions, replaced by the runner about twice a second.
+    partitions: Mutex<BTreeMap<TopicPartition, PartitionGauges>>,
 }
 
 impl Metrics {
@@ -77,6 +165,40 @@ impl Metrics {
 
     pub fn dead_lettered(&self, reason: &str) {
         *self.dead_lettered.lock().unwrap().entry(reason.to_string()).or_default() += 1;
+    }
+
+    /// A dead letter written for `stage` with `reason` (also counted by reason alone).
+    pub fn dead_lettered_in(&self, stage: &str, reason: &str) {
+        self.dead_lettered(reason);
+        *self.dead_lettered_at.lock().unwrap().entry((stage.to_string(), reason.to_string())).or_default() += 1;
+    }
+
+    pub fn dead_letters_by_stage_and_reason(&self) -> BTreeMap<(String, String), u64> {
+        self.dead_lettered_at.lock().unwrap().clone()
+    }
+
+    /// One `process` call of `stage`: `records_in` live records in,
+    /// `records_out` passed on, `seconds` long.
+    pub fn stage_batch(&self, stage: &'static str, records_in: usize, records_out: usize, seconds: f64) {
+        let mut stages = self.stages.lock().unwrap();
+        let t = stages.entry(stage).or_default();
+        t.records_in += records_in as u64;
+        t.records_out += records_out as u64;
+        t.latency.observe(&LATENCY_BUCKETS, seconds);
+        t.batch_records.observe(&BATCH_BUCKETS, records_in as f64);
+    }
+
+    pub fn stages(&self) -> BTreeMap<&'static str, StageTallies> {
+        self.stages.lock().unwrap().clone()
+    }
+
+    /// Replaces the partition gauges with the current assignment's.
+    pub fn set_partitions(&self, partitions: BTreeMap<TopicPartition, PartitionGauges>) {
+        *self.partitions.lock().unwrap() = partitions;
+    }
+
+    pub fn partitions(&self) -> BTreeMap<TopicPartition, PartitionGauges> {
+        self.partitions.lock().unwrap().clone()
     }
 
     pub fn skipped_by_reason(&self) -> BTreeMap<&'static str, u64> {

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::batch::{Batch, Item, Slot};
 use super::commit::OffsetTracker;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, PartitionGauges};
 use super::stage::StageContext;
 use super::window::{Window, WindowConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterArchive};
@@ -148,6 +148,10 @@ where
     let mut paused = false;
     let mut commit_failing = false;
     let mut last_commit = clock.now_ms();
+    let mut last_gauges: Option<i64> = None;
+    // Event time of the newest record handed out per partition (lag in seconds).
+    let mut newest: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+    metrics.started_ms.store(clock.now_ms(), Ordering::Relaxed);
     let mut report = RunReport::default();
     tokio::pin!(shutdown);
 
@@ -185,6 +189,12 @@ where
             // Cheap when nothing changed: only partitions not paused yet are touched.
             consumer.pause(&consumer.assignment())?;
         }
+        metrics.in_flight_records.store(recs as u64, Ordering::Relaxed);
+        metrics.in_flight_bytes.store(bytes as u64, Ordering::Relaxed);
+        if last_gauges.is_none_or(|t| clock.now_ms() - t >= GAUGE_INTERVAL_MS) {
+            last_gauges = Some(clock.now_ms());
+            publish_gauges(&consumer, &tracker, &metrics, paused, &mut newest);
+        }
 
         let now = clock.now_ms();
         let mut wait = cfg.poll_wait;
@@ -221,6 +231,12 @@ where
         for record in polled {
             let size = record.byte_len();
             tracker.lock().unwrap().track(&record.position.tp, record.position.offset);
+            match newest.get_mut(&record.position.tp) {
+                Some(t) => *t = record.event_time_ms,
+                None => {
+                    newest.insert(record.position.tp.clone(), record.event_time_ms);
+                }
+            }
             let recs = budget.records.fetch_add(1, Ordering::AcqRel) + 1;
             let bytes = budget.bytes.fetch_add(size, Ordering::AcqRel) + size;
             report.peak_in_flight_records = report.peak_in_flight_records.max(recs);
@@ -288,6 +304,25 @@ where
         return Err(f.into());
     }
     outcome.map(|_| report)
+}
+
+/// How often the runner refreshes the partition gauges (`/metrics`, `/ready`).
+const GAUGE_INTERVAL_MS: i64 = 500;
+
+/// Publishes where each assigned partition stands. Partitions no longer
+/// assigned drop out, here and from `newest`.
+fn publish_gauges<C: LogConsumer>(consumer: &C, tracker: &Mutex<OffsetTracker>, metrics: &Metrics, paused: bool, newest: &mut BTreeMap<TopicPartition, i64>) {
+    let positions = consumer.positions();
+    newest.retain(|tp, _| positions.contains_key(tp));
+    let committed = tracker.lock().unwrap().committed();
+    let gauges = positions
+        .into_iter()
+        .map(|(tp, p)| {
+            let g = PartitionGauges { position: p.next, end: p.end, committed: committed.get(&tp).copied(), paused, newest_event_ms: newest.get(&tp).copied() };
+            (tp, g)
+        })
+        .collect();
+    metrics.set_partitions(gauges);
 }
 
 /// Drains revoked partitions for the consumer's rebalance callback. It runs
@@ -378,7 +413,7 @@ async fn ack_loop<T: Send + 'static>(
                 // A dead letter that cannot be written must not be committed past: stop.
                 return ctx_fatal(&ctx, format!("writing dead letter for {}@{} failed: {e}", d.record.position.tp, d.record.position.offset));
             }
-            ctx.metrics.dead_lettered(d.reason);
+            ctx.metrics.dead_lettered_in(d.stage, d.reason);
         }
         if let (Some(store), false) = (&dlq.archive, letters.is_empty()) {
             let rows: Vec<_> = letters.iter().map(DeadLetter::to_row).collect();
@@ -391,6 +426,7 @@ async fn ack_loop<T: Send + 'static>(
         }
         let done = batch.slots.iter().filter(|s| matches!(s, Slot::Live(_))).count();
         Metrics::add(&ctx.metrics.records_done, done as u64);
+        ctx.metrics.last_progress_ms.store(ctx.clock.now_ms(), Ordering::Relaxed);
         Metrics::add(&ctx.metrics.batches, 1);
         {
             let mut t = tracker.lock().unwrap();

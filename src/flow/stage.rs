@@ -153,6 +153,17 @@ fn merge<I, O>(
     Ok(Batch { seq, slots, bytes })
 }
 
+/// Counts one `process` call in the stage's tallies (records in and out,
+/// latency on the run's clock, batch size).
+fn tally<O>(name: &'static str, ctx: &StageContext, records_in: usize, outcomes: &[Outcome<O>], started_ms: i64) {
+    if records_in == 0 {
+        return;
+    }
+    let out = outcomes.iter().filter(|o| matches!(o, Outcome::Continue(_))).count();
+    let seconds = (ctx.clock.now_ms() - started_ms).max(0) as f64 / 1000.0;
+    ctx.metrics.stage_batch(name, records_in, out, seconds);
+}
+
 /// Runs `stage` over every batch from `rx`, one batch at a time, and returns
 /// the stage's output edge.
 pub fn spawn<S: Stage>(name: &'static str, mut stage: S, mut rx: mpsc::Receiver<Batch<S::In>>, ctx: &StageContext) -> mpsc::Receiver<Batch<S::Out>> {
@@ -162,8 +173,12 @@ pub fn spawn<S: Stage>(name: &'static str, mut stage: S, mut rx: mpsc::Receiver<
         while let Some(batch) = rx.recv().await {
             let (live, template, seq, bytes) = split(batch);
             let records: Vec<_> = live.iter().map(|i| i.record.clone()).collect();
+            let started = ctx.clock.now_ms();
             let result = match stage.process(live).await {
-                Ok(outcomes) => merge::<S::In, S::Out>(name, &ctx, records, template, outcomes, seq, bytes),
+                Ok(outcomes) => {
+                    tally(name, &ctx, records.len(), &outcomes, started);
+                    merge::<S::In, S::Out>(name, &ctx, records, template, outcomes, seq, bytes)
+                }
                 Err(f) => Err(f),
             };
             match result {
@@ -211,7 +226,9 @@ pub fn spawn_concurrent<S: Stage + Clone>(
                     running.push_back(async move {
                         let (live, template, seq, bytes) = split(batch);
                         let records: Vec<_> = live.iter().map(|i| i.record.clone()).collect();
+                        let started = ctx2.clock.now_ms();
                         let outcomes = s.process(live).await?;
+                        tally(name, &ctx2, records.len(), &outcomes, started);
                         merge::<S::In, S::Out>(name, &ctx2, records, template, outcomes, seq, bytes)
                     });
                 }

@@ -1,0 +1,14 @@
+//! Operations endpoints of a running processor: `/metrics` (Prometheus text
+//! format), `/health` (liveness) and `/ready` (connected, partitions assigned,
+//! progress not stuck). They read the run's [`Metrics`](crate::flow::Metrics)
+//! and circuit breakers at request time; nothing on the record path waits
+//! for them.
+//!
+//! - [`exporter`]: every exported metric, named once, and the readiness rule.
+//! - [`server`]: the HTTP/1 listener (loopback by default).
+
+pub mod exporter;
+pub mod server;
+
+pub use exporter::Exporter;
+pub use server::{DEFAULT_LISTEN, Listen, serve};
