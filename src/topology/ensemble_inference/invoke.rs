@@ -5,9 +5,9 @@
 //! 1. **reserve**: a slot of every model's quota, in model-id order
 //!    ([`Invoker::reserve_all`]). A full quota makes the request wait, which
 //!    holds the window, fills the edges and pauses the partitions: the
-//!    request is held back, never dropped. The slots are released when the
-//!    request's calls end, answered or not (its compensation has nothing
-//!    left to release, and says so).
+//!    request is held back, never dropped. Each model's slot is released
+//!    when its call ends, answered or not, or at the deadline (a
+//!    compensation has nothing left to release, and says so).
 //! 2. **invoke**: every model in parallel ([`Invoker::invoke`]: per-attempt
 //!    timeout, retries, breaker, hedging, coalescing). The deadline, a
 //!    sleep on the injected clock, starts once the slots are held.
@@ -24,14 +24,14 @@
 //! A model that is misconfigured (wrong for every input) stops the topology;
 //! every other failure is that model's output for the request.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::aggregate::{self, Answer, Verdict};
-use super::call::{Invocation, Invoker};
+use super::call::{Invocation, Invoker, Reservation};
 use super::plan::Planned;
 use crate::clock::SharedClock;
 use crate::flow::{Item, Metrics, Stage};
@@ -104,15 +104,27 @@ impl Invoke {
 
     /// Steps 1 to 4 for one request.
     async fn ask(&self, planned: Planned, source: &Record) -> Result<Invoked, Result<Rejection, Fatal>> {
-        let reservations = Invoker::reserve_all(&planned.models).await;
+        let mut reservations: HashMap<String, Reservation> =
+            Invoker::reserve_all(&planned.models).await.into_iter().map(|r| (r.model.clone(), r)).collect();
         let reserved = reservations.len();
         let asked: Vec<&str> = planned.models.iter().map(|m| m.id()).collect();
         let input = planned.request.input.as_str();
+        // Each call gives its model's slot back as soon as it ends, not when
+        // the whole request does: a slot held through the partial-result
+        // acknowledgements of the other models made the quota, not the
+        // models, the limit (16 slots / three sequential broker round trips).
         let mut calls: FuturesUnordered<_> = planned
             .models
             .iter()
             .enumerate()
-            .map(|(position, model)| async move { (position, model.invoke(input).await) })
+            .map(|(position, model)| {
+                let slot = reservations.remove(model.id());
+                async move {
+                    let inv = model.invoke(input).await;
+                    drop(slot);
+                    (position, inv)
+                }
+            })
             .collect();
         let deadline = self.clock.sleep(Duration::from_millis(planned.timeout_ms.max(0) as u64));
         tokio::pin!(deadline);
