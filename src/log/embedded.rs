@@ -149,6 +149,11 @@ impl LogProducer for EmbeddedProducer {
         let pos = self.log.append(record);
         Box::pin(async move { Ok(pos) })
     }
+
+    fn enqueue(&self, record: OutgoingRecord) -> Result<BoxFuture<'static, Result<Position, LogError>>, OutgoingRecord> {
+        let pos = self.log.append(record);
+        Ok(Box::pin(async move { Ok(pos) }))
+    }
 }
 
 pub struct EmbeddedConsumer {

@@ -97,6 +97,17 @@ pub struct PartitionPosition {
 /// be committed.
 pub trait LogProducer: Send + Sync + 'static {
     fn send(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<Position, LogError>>;
+
+    /// Hands `record` to the log now and returns the wait for its
+    /// acknowledgement, so that records of one partition enqueued one after
+    /// another are stored in that order without each waiting for the one
+    /// before (Kafka: the idempotent producer keeps that order through its
+    /// retries). `Err` gives the record back when it cannot be handed over
+    /// now (a full local queue, or a log without this): send it, and every
+    /// later record that must follow it, with [`send`](Self::send).
+    fn enqueue(&self, record: OutgoingRecord) -> Result<BoxFuture<'static, Result<Position, LogError>>, OutgoingRecord> {
+        Err(record)
+    }
 }
 
 /// Reading one partition directly, outside any consumer group, for a stage

@@ -58,6 +58,12 @@ impl Emitter {
         Ok(OutgoingRecord { topic: self.topic.clone(), partition, key: Some(key.as_bytes().to_vec()), payload, headers, event_time_ms: None })
     }
 
+    /// Hands `record` to the log now, without retries (see
+    /// [`LogProducer::enqueue`]); `Err` gives it back, for [`send`](Self::send).
+    pub fn enqueue(&self, record: OutgoingRecord) -> Result<futures::future::BoxFuture<'static, Result<Position, LogError>>, OutgoingRecord> {
+        self.producer.enqueue(record)
+    }
+
     /// Sends `record`, retrying as configured, until the broker acknowledges it.
     pub async fn send(&self, record: OutgoingRecord) -> Result<Position, Attempted<LogError>> {
         let producer = self.producer.as_ref();

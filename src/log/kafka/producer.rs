@@ -36,29 +36,50 @@ impl KafkaProducer {
     }
 
     async fn send_record(&self, record: OutgoingRecord) -> Result<Position, LogError> {
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.iter().count());
-        for (key, value) in record.headers.iter() {
-            headers = headers.insert(Header { key, value });
-        }
-        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic).payload(&record.payload[..]).headers(headers);
-        if let Some(key) = &record.key {
-            fr = fr.key(&key[..]);
-        }
-        if let Some(p) = record.partition {
-            fr = fr.partition(p);
-        }
-        if let Some(ts) = record.event_time_ms {
-            fr = fr.timestamp(ts);
-        }
-        match self.inner.send(fr, Timeout::After(QUEUE_FULL_WAIT)).await {
+        match self.inner.send(future_record(&record), Timeout::After(QUEUE_FULL_WAIT)).await {
             Ok(d) => Ok(Position { tp: TopicPartition::new(record.topic.as_str(), d.partition), offset: d.offset }),
             Err((e, _)) => Err(with_context(classify(&e), &format!("producing to `{}`", record.topic))),
         }
     }
 }
 
+fn future_record(record: &OutgoingRecord) -> FutureRecord<'_, [u8], [u8]> {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.iter().count());
+    for (key, value) in record.headers.iter() {
+        headers = headers.insert(Header { key, value });
+    }
+    let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic).payload(&record.payload[..]).headers(headers);
+    if let Some(key) = &record.key {
+        fr = fr.key(&key[..]);
+    }
+    if let Some(p) = record.partition {
+        fr = fr.partition(p);
+    }
+    if let Some(ts) = record.event_time_ms {
+        fr = fr.timestamp(ts);
+    }
+    fr
+}
+
 impl LogProducer for KafkaProducer {
     fn send(&self, record: OutgoingRecord) -> BoxFuture<'_, Result<Position, LogError>> {
         Box::pin(self.send_record(record))
+    }
+
+    /// `send_result`: librdkafka takes the record into its queue now, in
+    /// call order; a full queue (or any refusal) gives the record back.
+    fn enqueue(&self, record: OutgoingRecord) -> Result<BoxFuture<'static, Result<Position, LogError>>, OutgoingRecord> {
+        let delivery = match self.inner.send_result(future_record(&record)) {
+            Ok(d) => d,
+            Err(_) => return Err(record),
+        };
+        let topic = record.topic;
+        Ok(Box::pin(async move {
+            match delivery.await {
+                Ok(Ok(d)) => Ok(Position { tp: TopicPartition::new(topic.as_str(), d.partition), offset: d.offset }),
+                Ok(Err((e, _))) => Err(with_context(classify(&e), &format!("producing to `{topic}`"))),
+                Err(_) => Err(LogError::Unavailable(format!("producing to `{topic}`: the producer went away before the broker answered"))),
+            }
+        }))
     }
 }

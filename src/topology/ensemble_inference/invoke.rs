@@ -12,9 +12,13 @@
 //!    timeout, retries, breaker, hedging, coalescing). The deadline, a
 //!    sleep on the injected clock, starts once the slots are held.
 //! 3. **partial results**: each answer (or failure) is published as a
-//!    `ModelOutput` as soon as it arrives, keyed by correlation id, and
-//!    acknowledged before the next one of the same request is sent, so the
-//!    partial-results stream of a request is in arrival order.
+//!    `ModelOutput` as soon as it arrives, keyed by correlation id (one
+//!    partition per request). They are handed to the log in arrival order
+//!    without waiting for each other (the idempotent producer keeps that
+//!    order), and all are acknowledged before the request moves on, so the
+//!    partial-results stream of a request is in arrival order. Waiting for
+//!    each acknowledgement before the next made a request cost three broker
+//!    round trips.
 //! 4. **aggregate**: as soon as the answers so far decide the result
 //!    ([`aggregate::ready`]), or at the deadline with what arrived. Answers
 //!    that arrive after the decision are published and stored with
@@ -28,6 +32,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::aggregate::{self, Answer, Verdict};
@@ -37,7 +42,8 @@ use crate::clock::SharedClock;
 use crate::flow::{Item, Metrics, Stage};
 use crate::inference::ModelOutput;
 use crate::outcome::{ErrorClass, Fatal, Outcome, Rejection};
-use crate::record::Record;
+use crate::log::LogError;
+use crate::record::{OutgoingRecord, Position, Record};
 use crate::resilience::Attempted;
 use crate::topology::emit::Emitter;
 
@@ -53,6 +59,15 @@ pub struct Invoked {
     /// Quota slots held while the models were called (released since).
     pub reserved: usize,
     pub decided_at_ms: i64,
+}
+
+/// The partial results of one request on their way to the log: each with
+/// its acknowledgement, or `None` once the log could not take one at once
+/// (from then on they go one by one, in [`Invoke::settle`]).
+#[derive(Default)]
+struct Partials {
+    pending: Vec<(OutgoingRecord, Option<BoxFuture<'static, Result<Position, LogError>>>)>,
+    one_by_one: bool,
 }
 
 #[derive(Clone)]
@@ -88,8 +103,53 @@ impl Invoke {
         }
     }
 
-    async fn publish(&self, output: &ModelOutput, source: &Record) -> Result<(), Result<Rejection, Fatal>> {
+    /// Hands a partial result to the log (step 3) without waiting for the
+    /// ones before it to be acknowledged; [`settle`](Self::settle) waits.
+    fn publish(&self, partials: &mut Partials, output: &ModelOutput, source: &Record) -> Result<(), Result<Rejection, Fatal>> {
         let record = self.partial.record(output, &output.correlation_id, Some(source), None).map_err(Err)?;
+        let ack = if partials.one_by_one {
+            None
+        } else {
+            match self.partial.enqueue(record.clone()) {
+                Ok(ack) => Some(ack),
+                Err(_) => {
+                    partials.one_by_one = true;
+                    None
+                }
+            }
+        };
+        partials.pending.push((record, ack));
+        Ok(())
+    }
+
+    /// Waits for every partial result of a request to be acknowledged, in
+    /// order. From the first one that was not (or could not be enqueued),
+    /// it and every later one are sent again one at a time, each
+    /// acknowledged before the next: the order holds, and a partial result
+    /// delivered before its failed predecessor may appear twice (readers
+    /// key them by correlation id and sequence).
+    async fn settle(&self, partials: Partials) -> Result<(), Result<Rejection, Fatal>> {
+        let mut pending = partials.pending.into_iter();
+        let mut again = Vec::new();
+        while let Some((record, ack)) = pending.next() {
+            let acknowledged = match ack {
+                Some(ack) => ack.await.is_ok(),
+                None => false,
+            };
+            if acknowledged {
+                self.metrics.count(super::counters::PARTIALS_PUBLISHED, 1);
+                continue;
+            }
+            again.push(record);
+            again.extend(pending.by_ref().map(|(r, _)| r));
+        }
+        for record in again {
+            self.send_one(record).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_one(&self, record: OutgoingRecord) -> Result<(), Result<Rejection, Fatal>> {
         match self.partial.send(record).await {
             Ok(_) => {
                 self.metrics.count(super::counters::PARTIALS_PUBLISHED, 1);
@@ -132,6 +192,7 @@ impl Invoke {
         let mut outputs: Vec<ModelOutput> = Vec::with_capacity(asked.len());
         let mut answered = vec![false; asked.len()];
         let mut verdict: Option<(Verdict, i64)> = None;
+        let mut partials = Partials::default();
         while !calls.is_empty() {
             tokio::select! {
                 biased;
@@ -144,7 +205,7 @@ impl Invoke {
                     answered[position] = true;
                     let late = verdict.is_some();
                     let output = self.output(&planned, model, outputs.len(), &inv, late);
-                    self.publish(&output, source).await?;
+                    self.publish(&mut partials, &output, source)?;
                     outputs.push(output);
                     if late {
                         self.metrics.count(super::counters::LATE_OUTPUTS, 1);
@@ -176,10 +237,12 @@ impl Invoke {
                 fatal: false,
             };
             let output = self.output(&planned, model, outputs.len(), &inv, verdict.is_some());
-            self.publish(&output, source).await?;
+            self.publish(&mut partials, &output, source)?;
             outputs.push(output);
             self.metrics.count(super::counters::UNANSWERED, 1);
         }
+        // Every partial result is acknowledged before the request moves on.
+        self.settle(partials).await?;
         let (verdict, decided_at_ms) = verdict.unwrap_or_else(|| (aggregate::aggregate(&planned.strategy, &asked, &arrived), self.clock.now_ms()));
         let counted = match &verdict {
             Verdict::Decided(d) => d.counted.iter().cloned().collect(),

@@ -205,9 +205,10 @@ async fn build(spec: &TopologySpec, deps: &Deps, ctx: &StageContext) -> Result<P
     let rx = stage::spawn("plan", plan, rx, ctx);
     let partial = Emitter::new("invoke", deps.producer.clone(), deps.registry.as_ref(), &invoke_spec.partial_topic, crate::avro::MODEL_OUTPUT, resilient(&invoke_spec.retry, &log_breaker)).await?;
     let invoke = invoke::Invoke { partial: Arc::new(partial), clock: deps.clock.clone(), metrics: deps.metrics.clone(), parallel: invoke_spec.parallel_requests };
-    let rx = stage::spawn("invoke", invoke, rx, ctx);
+    let windows = invoke_spec.parallel_windows;
+    let rx = stage::spawn_concurrent("invoke", invoke, windows, rx, ctx);
     let persist = persist::Persist { store: deps.inference.clone(), resilient: resilient(store_retry, &store_breaker), metrics: deps.metrics.clone(), clock: deps.clock.clone() };
-    let rx = stage::spawn("persist", persist, rx, ctx);
+    let rx = stage::spawn_concurrent("persist", persist, windows, rx, ctx);
     let publish = publish::Publish {
         answers,
         store: deps.inference.clone(),
@@ -215,6 +216,6 @@ async fn build(spec: &TopologySpec, deps: &Deps, ctx: &StageContext) -> Result<P
         metrics: deps.metrics.clone(),
         clock: deps.clock.clone(),
     };
-    let tail = stage::spawn("publish", publish, rx, ctx);
+    let tail = stage::spawn_concurrent("publish", publish, windows, rx, ctx);
     Ok(Pipeline { head, tail })
 }

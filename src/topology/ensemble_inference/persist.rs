@@ -55,6 +55,7 @@ pub struct Persisted {
     pub outcome: Result<(ResultRow, Vec<OutputRow>), InferenceCompensation>,
 }
 
+#[derive(Clone)]
 pub struct Persist {
     pub store: Arc<dyn InferenceStore>,
     pub resilient: Resilient,

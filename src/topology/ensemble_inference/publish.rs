@@ -91,6 +91,7 @@ impl Answers {
     }
 }
 
+#[derive(Clone)]
 pub struct Publish {
     pub answers: Arc<Answers>,
     pub store: Arc<dyn InferenceStore>,

@@ -112,6 +112,12 @@ pub struct InvokeSpec {
     /// Requests of one window worked on at once.
     #[serde(default = "sixty_four")]
     pub parallel_requests: usize,
+    /// Windows invoke, persist and publish each work on at once (results
+    /// still leave in window order). Each window waits on broker and store
+    /// round trips; under light load windows are small, and one at a time
+    /// made those round trips, not the models, the limit.
+    #[serde(default = "four")]
+    pub parallel_windows: usize,
     pub model: Vec<ModelSpec>,
     /// The call policy of every model not listed in `calls`.
     #[serde(default)]
@@ -125,6 +131,10 @@ pub struct InvokeSpec {
 
 fn sixty_four() -> usize {
     64
+}
+
+fn four() -> usize {
+    4
 }
 
 impl InvokeSpec {
@@ -249,6 +259,9 @@ impl Stages {
         }
         if invoke.parallel_requests == 0 {
             return Err(spec.invalid(&at("invoke", "parallel_requests"), "is 0; work on at least 1 request at once"));
+        }
+        if invoke.parallel_windows == 0 {
+            return Err(spec.invalid(&at("invoke", "parallel_windows"), "is 0; work on at least 1 window at once"));
         }
         if plan.default_timeout_ms == 0 || plan.default_timeout_ms > plan.max_timeout_ms {
             return Err(spec.invalid(&at("plan", "default_timeout_ms"), format!("is {}; use a deadline between 1 and max_timeout_ms ({})", plan.default_timeout_ms, plan.max_timeout_ms)));
