@@ -1268,6 +1268,13 @@ async fn metrics_show_a_backlog_drain_to_zero_lag_with_every_record_counted() {
         assert!(text.contains(family), "{family} missing:\n{text}");
     }
     assert!(text.contains("hartonomous_stage_latency_seconds_bucket{topology=\"atom-ingestion\",stage=\"persist\",le=\"+Inf\"}"), "{text}");
+    // Every declared metric (the dashboard and alert rules use only these,
+    // tests/monitoring.rs) is exported by the running process with its type;
+    // skips are the one family a run may not have.
+    for def in hartonomous::ops::exporter::names::ALL.iter().filter(|d| d.name != "hartonomous_records_skipped_total") {
+        let kind = format!("{:?}", def.kind).to_lowercase();
+        assert!(text.contains(&format!("# TYPE {} {kind}\n", def.name)), "{} ({kind}) is not exported:\n{text}", def.name);
+    }
     assert!(text.contains("hartonomous_circuit_breaker_state{endpoint=\"store\",state=\"closed\"} 1"), "{text}");
     // What /metrics says is what the outputs hold.
     assert!(s.stored_everything(&w.expected).await);

@@ -8,6 +8,8 @@
 #                                                https 127.0.0.1:18443 (private test CA)
 #   chdb        current ClickHouse (26.9) in-process, a Python package, no server:
 #               installed by `up`, its path exported by `env` (HARTONOMOUS_TEST_CHDB_PATH)
+#   promtool    Debian's prometheus package (promtool checks and unit-tests the alert
+#               rules in connectors/monitoring/); installed by `up`, no server started
 #
 # Usage: tests/services.sh COMMAND [SERVICE]
 #   up                     install what is missing (chdb too), start what is not running,
@@ -418,6 +420,15 @@ ensure_confluent() {
     -r "$CONF_DIR/confluent-requirements.txt"
 }
 
+promtool_status_line() {
+  if command -v promtool >/dev/null 2>&1; then
+    printf '%-11s %-10s %s\n' promtool installed "$(command -v promtool) ($(promtool --version 2>&1 | head -n 1 | sed 's/^promtool, //'))"
+  else
+    printf '%-11s %-10s %s\n' promtool missing "(Debian package prometheus; \`up\` installs it)"
+    return 1
+  fi
+}
+
 chdb_status_line() {
   if [[ -f $CHDB_DIR/chdb/__init__.py ]]; then
     printf '%-11s %-10s %s\n' chdb installed "$CHDB_DIR (chdb-core $CHDB_VERSION, ClickHouse 26.9 in-process)"
@@ -631,6 +642,7 @@ status_all() {
     status_line "$name" || rc=1
   done
   chdb_status_line || rc=1
+  promtool_status_line || rc=1
   return "$rc"
 }
 
@@ -706,6 +718,7 @@ main() {
       ensure_tools clickhouse
       ensure_chdb
       ensure_confluent
+      command -v promtool >/dev/null 2>&1 || apt_install prometheus
       start_kafka # starts s3 first when storage is s3
       start_clickhouse
       status_all
