@@ -105,9 +105,13 @@ enum TopologyCommand {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    // Logs go to stderr (stdout carries results), coloured only on a
+    // terminal: no escape codes in files, pipes and CI logs.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     hartonomous::avro::wire::limit_allocations();
     let cli = Cli::parse();

@@ -429,3 +429,23 @@ fn a_compensation_event_met_twice_is_announced_once() {
     let q = ok(hartonomous(&dir.path().join("data"), &["query", "SELECT count(*) AS n FROM inference_compensations WHERE step = 3"]));
     assert_eq!(cell(&q), "3", "{q}");
 }
+
+/// Logs go to stderr without colour codes when stderr is not a terminal
+/// (a file, a pipe, a CI log); results stay alone on stdout.
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hartonomous"))
+        .args(["demo"])
+        .env("HARTONOMOUS_DATA_DIR", dir.path())
+        .env("RUST_LOG", "hartonomous=debug")
+        .env_remove("HARTONOMOUS_CONNECTORS")
+        .output()
+        .expect("run hartonomous");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.lines().any(|l| l.contains("DEBUG") || l.contains("INFO")), "no log lines on stderr:\n{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in a non-terminal log:\n{}", &stderr[..stderr.len().min(2000)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("DEBUG") && !stdout.contains('\u{1b}'), "logs on stdout:\n{stdout}");
+}
