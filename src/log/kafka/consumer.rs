@@ -134,6 +134,13 @@ impl ConsumerContext for KafkaContext {
             for tp in &added {
                 st.assigned.insert(tp.clone(), generation);
                 st.paused.remove(tp);
+                // librdkafka fetches a newly assigned partition from the
+                // committed offset, so whatever this consumer handed out or
+                // held before is stale. A `next` left over from an earlier
+                // assignment would drop every re-fetched record below it as
+                // "handed out already", and the partition would look stuck.
+                st.next.remove(tp);
+                st.held.remove(tp);
             }
             // librdkafka keeps a partition's application pause across revoke
             // and re-assignment (confluentinc/librdkafka#1849), while `State`
