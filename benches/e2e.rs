@@ -33,9 +33,9 @@ use hartonomous::log::kafka::{KafkaConfig, KafkaProducer, ensure_topics};
 use hartonomous::record::OutgoingRecord;
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 use hartonomous::topology::spec::TopologySpec;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
+
+mod common;
 
 const PARTITIONS: i32 = 3;
 const DIMENSION: usize = 384;
@@ -101,7 +101,7 @@ async fn run(n: usize) {
     let produce = started.elapsed();
 
     // 2. Raw consume: bare rdkafka, assigned from the beginning, no processing.
-    let consume = raw_consume(&topic, n);
+    let consume = common::raw_consume(&kafka(), &topic, PARTITIONS, n);
 
     // 3. Raw insert: bare clickhouse crate, batches of 10,000.
     let insert = raw_insert(&format!("{id}_raw"), n).await;
@@ -124,30 +124,6 @@ async fn run(n: usize) {
             total
         );
     }
-}
-
-fn raw_consume(topic: &str, n: usize) -> Duration {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", format!("{topic}.raw"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let started = Instant::now();
-    let mut seen = 0;
-    while seen < n {
-        if let Some(m) = consumer.poll(Duration::from_secs(5)) {
-            m.unwrap();
-            seen += 1;
-        }
-        assert!(started.elapsed() < Duration::from_secs(600), "raw consume saw {seen} of {n}");
-    }
-    started.elapsed()
 }
 
 #[derive(Row, Serialize)]

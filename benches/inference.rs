@@ -51,6 +51,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+mod common;
+
 const PARTITIONS: i32 = 3;
 /// The bundled ensemble `sentiment` names these; the HTTP variant gives
 /// the same ids to the local servers, so one request set serves both.
@@ -114,7 +116,7 @@ async fn run(n: usize, bench: bool, delay: Duration) {
     let produce = started.elapsed();
 
     // 2-4. The ceilings.
-    let consume = raw_consume(&topic, n);
+    let consume = common::raw_consume(&kafka(), &topic, PARTITIONS, n);
     let insert = raw_insert(&format!("{id}_raw"), n).await;
     let calls = raw_calls(&servers.urls, n).await;
 
@@ -266,30 +268,6 @@ async fn serve(stream: tokio::net::TcpStream, delay: Duration) {
 // ---------------------------------------------------------------------------
 // Ceilings
 // ---------------------------------------------------------------------------
-
-fn raw_consume(topic: &str, n: usize) -> Duration {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", format!("{topic}.raw"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let started = Instant::now();
-    let mut seen = 0;
-    while seen < n {
-        if let Some(m) = consumer.poll(Duration::from_secs(5)) {
-            m.unwrap();
-            seen += 1;
-        }
-        assert!(started.elapsed() < Duration::from_secs(600), "raw consume saw {seen} of {n}");
-    }
-    started.elapsed()
-}
 
 #[derive(Row, Serialize)]
 struct RawResult {
