@@ -380,6 +380,27 @@ impl std::ops::DerefMut for Proc {
     }
 }
 
+/// A failed scenario keeps its processes' whole logs (the panic message
+/// shows only a tail) under `$CARGO_TARGET_DIR/failed-test-logs/<topic>/`,
+/// outside the temporary directory that goes with the test.
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let base = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let keep = base.join("failed-test-logs").join(&self.topic);
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
+        let _ = std::fs::create_dir_all(&keep);
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+            }
+        }
+        eprintln!("the processes' logs are kept in {}", keep.display());
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {

@@ -149,6 +149,7 @@ where
     let mut commit_failing = false;
     let mut last_commit = clock.now_ms();
     let mut last_gauges: Option<i64> = None;
+    let mut stall = StallWatch::new(clock.now_ms());
     // Event time of the newest record handed out per partition (lag in seconds).
     let mut newest: BTreeMap<TopicPartition, i64> = BTreeMap::new();
     metrics.started_ms.store(clock.now_ms(), Ordering::Relaxed);
@@ -194,6 +195,14 @@ where
         if last_gauges.is_none_or(|t| clock.now_ms() - t >= GAUGE_INTERVAL_MS) {
             last_gauges = Some(clock.now_ms());
             publish_gauges(&consumer, &tracker, &metrics, paused, &mut newest);
+            stall.check(&consumer, clock.now_ms(), || {
+                format!(
+                    "paused={paused} in_flight={recs} bytes={bytes} queued_windows={} tracked_in_flight={} open_breakers={:?}",
+                    pending.len(),
+                    tracker.lock().unwrap().in_flight(),
+                    ctx.breakers.open(clock.now_ms())
+                )
+            });
         }
 
         let now = clock.now_ms();
@@ -228,6 +237,9 @@ where
 
         let now = clock.now_ms();
         let got_any = !polled.is_empty();
+        if got_any {
+            stall.progressed(now);
+        }
         for record in polled {
             let size = record.byte_len();
             tracker.lock().unwrap().track(&record.position.tp, record.position.offset);
@@ -304,6 +316,47 @@ where
         return Err(f.into());
     }
     outcome.map(|_| report)
+}
+
+/// Says so, loudly and with the state an operator needs, when no record has
+/// arrived for a while although records wait in the assigned partitions.
+/// Backpressure (an outage, a full budget) is a legitimate reason; the line
+/// gives it. At most one line per `EVERY_MS`.
+struct StallWatch {
+    last_record_ms: i64,
+    last_warned_ms: Option<i64>,
+}
+
+impl StallWatch {
+    const AFTER_MS: i64 = 20_000;
+    const EVERY_MS: i64 = 30_000;
+
+    fn new(now_ms: i64) -> Self {
+        Self { last_record_ms: now_ms, last_warned_ms: None }
+    }
+
+    fn progressed(&mut self, now_ms: i64) {
+        self.last_record_ms = now_ms;
+        self.last_warned_ms = None;
+    }
+
+    fn check<C: LogConsumer>(&mut self, consumer: &C, now_ms: i64, runner_state: impl FnOnce() -> String) {
+        if now_ms - self.last_record_ms < Self::AFTER_MS || self.last_warned_ms.is_some_and(|t| now_ms - t < Self::EVERY_MS) {
+            return;
+        }
+        let waiting: i64 = consumer.positions().values().filter_map(|p| p.end.map(|e| (e - p.next).max(0))).sum();
+        if waiting == 0 {
+            return;
+        }
+        self.last_warned_ms = Some(now_ms);
+        tracing::warn!(
+            waiting,
+            idle_s = (now_ms - self.last_record_ms) / 1000,
+            runner = %runner_state(),
+            consumer = %consumer.describe(),
+            "no records polled for a while although records wait in the assigned partitions"
+        );
+    }
 }
 
 /// How often the runner refreshes the partition gauges (`/metrics`, `/ready`).

@@ -68,6 +68,14 @@ pub trait LogConsumer: Send + 'static {
     /// the broker could not say.
     fn positions(&self) -> BTreeMap<TopicPartition, PartitionPosition>;
 
+    /// One line on where each assigned partition's fetching stands, for the
+    /// runner's stall warning (what an operator needs to tell a paused, a
+    /// starved and a stuck partition apart). Empty when there is nothing more
+    /// to say than `positions`.
+    fn describe(&self) -> String {
+        String::new()
+    }
+
     /// Installs the handler called when the group takes partitions away from
     /// this consumer. Logs without consumer groups (the embedded log) never
     /// call it, hence the default.

@@ -578,6 +578,29 @@ impl LogConsumer for KafkaConsumer {
             .collect()
     }
 
+    fn describe(&self) -> String {
+        let st = self.shared.state();
+        let parts: Vec<String> = st
+            .assigned
+            .iter()
+            .map(|(tp, since)| {
+                let s = st.stats.get(tp).copied().unwrap_or_default();
+                format!(
+                    "{tp}: assigned@{since} paused={} next={:?} held={} | librdkafka: state={} next_fetch={:?} queued={} committed={:?} end={:?}",
+                    st.paused.contains(tp),
+                    st.next.get(tp),
+                    st.held.get(tp).map_or(0, VecDeque::len),
+                    s.fetch_state,
+                    s.next_fetch,
+                    s.fetched,
+                    s.committed,
+                    s.end
+                )
+            })
+            .collect();
+        format!("generation {}; {}", self.shared.generation.load(Ordering::Acquire), parts.join("; "))
+    }
+
     fn set_revoke_handler(&mut self, handler: RevokeHandler) {
         *self.shared.handler.lock().unwrap_or_else(|p| p.into_inner()) = Some(handler);
     }

@@ -19,6 +19,16 @@ pub(super) struct PartitionStats {
     pub(super) fetched: i64,
     /// The log start.
     pub(super) start: Option<i64>,
+    /// librdkafka's fetch state for the partition (`active` while it fetches;
+    /// `offset-query`, `offset-wait`, `stopped`, ... otherwise), for the
+    /// stall diagnostics.
+    pub(super) fetch_state: &'static str,
+}
+
+/// librdkafka's fetch-state names (rdkafka_partition.c), so the stats stay `Copy`.
+fn fetch_state(s: &str) -> &'static str {
+    const KNOWN: [&str; 8] = ["none", "stopping", "stopped", "offset-query", "offset-wait", "validate-epoch-wait", "active", ""];
+    KNOWN.into_iter().find(|k| *k == s).unwrap_or("other")
 }
 
 /// The subset of librdkafka's statistics JSON read here.
@@ -55,6 +65,8 @@ struct RawPartition {
     consumer_lag: i64,
     #[serde(default)]
     fetchq_cnt: i64,
+    #[serde(default)]
+    fetch_state: String,
 }
 
 fn valid(offset: i64) -> Option<i64> {
@@ -70,6 +82,7 @@ impl RawPartition {
             next_fetch: valid(self.next_offset),
             fetched: self.fetchq_cnt,
             start: valid(self.lo_offset),
+            fetch_state: fetch_state(&self.fetch_state),
         }
     }
 }
@@ -96,7 +109,7 @@ mod tests {
     #[test]
     fn statistics_give_the_end_lag_and_committed_offset_per_partition() {
         let json = br#"{"name":"c","topics":{"t":{"topic":"t","partitions":{
-            "0":{"partition":0,"hi_offset":20,"ls_offset":18,"lo_offset":0,"committed_offset":5,"next_offset":20,"consumer_lag":13,"fetchq_cnt":3,"unknown_field":1},
+            "0":{"partition":0,"hi_offset":20,"ls_offset":18,"lo_offset":0,"committed_offset":5,"next_offset":20,"consumer_lag":13,"fetchq_cnt":3,"fetch_state":"active","unknown_field":1},
             "-1":{"partition":-1,"hi_offset":-1001,"ls_offset":-1001,"lo_offset":-1001,"committed_offset":-1001,"next_offset":0,"consumer_lag":-1,"fetchq_cnt":0}}}}}"#;
         let parsed = parse_stats(json, true).unwrap();
         assert_eq!(parsed.len(), 1, "the internal partition -1 is skipped");
@@ -104,7 +117,7 @@ mod tests {
         assert_eq!((topic.as_str(), *partition), ("t", 0));
         assert_eq!(
             *s,
-            PartitionStats { end: Some(18), lag: Some(13), committed: Some(5), next_fetch: Some(20), fetched: 3, start: Some(0) }
+            PartitionStats { end: Some(18), lag: Some(13), committed: Some(5), next_fetch: Some(20), fetched: 3, start: Some(0), fetch_state: "active" }
         );
         assert_eq!(parse_stats(json, false).unwrap()[0].2.end, Some(20));
         assert!(parse_stats(br#"{"name":"p"}"#, true).unwrap().is_empty());
