@@ -30,8 +30,19 @@ struct Cli {
     /// Connection profile (TOML). Default: the built-in embedded profile, as in connectors/embedded.toml.
     #[arg(long, global = true, env = "HARTONOMOUS_CONNECTORS")]
     connectors: Option<PathBuf>,
+    /// Log lines on stderr: `human` (coloured on a terminal only) or `json`
+    /// (one object per line: timestamp, level, target, fields, spans), for
+    /// log shippers. The level comes from RUST_LOG (default: warn).
+    #[arg(long, global = true, env = "HARTONOMOUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -106,15 +117,16 @@ enum TopologyCommand {
 
 fn main() -> ExitCode {
     use std::io::IsTerminal;
+    let cli = Cli::parse();
     // Logs go to stderr (stdout carries results), coloured only on a
     // terminal: no escape codes in files, pipes and CI logs.
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).with_current_span(true).with_span_list(false).init(),
+    }
     hartonomous::avro::wire::limit_allocations();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,

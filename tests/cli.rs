@@ -449,3 +449,31 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("DEBUG") && !stdout.contains('\u{1b}'), "logs on stdout:\n{stdout}");
 }
+
+/// `--log-format json`: every stderr line is one JSON object with a
+/// timestamp, a level, a target and the event's fields; stdout is unchanged.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hartonomous"))
+        .args(["--log-format", "json", "demo"])
+        .env("HARTONOMOUS_DATA_DIR", dir.path())
+        .env("RUST_LOG", "hartonomous=debug")
+        .env_remove("HARTONOMOUS_CONNECTORS")
+        .output()
+        .expect("run hartonomous");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 5, "too few log lines:\n{stderr}");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for field in ["timestamp", "level", "target", "fields"] {
+            assert!(v.get(field).is_some(), "no `{field}` in {line}");
+        }
+        assert!(v["fields"].get("message").is_some(), "no message in {line}");
+    }
+    assert!(lines.iter().any(|l| l.contains("\"level\":\"DEBUG\"")), "no debug line:\n{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("atom-ingestion demo") && !stdout.contains("\"level\""), "stdout changed:\n{stdout}");
+}
