@@ -65,6 +65,21 @@ enum Command {
         #[arg(long, env = "HARTONOMOUS_LISTEN", default_value = hartonomous::ops::DEFAULT_LISTEN, value_name = "HOST:PORT|off")]
         listen: hartonomous::ops::Listen,
     },
+    /// A consumer group's lag per partition: committed offset, log end and
+    /// lag (Kafka profiles). Reads only: it joins nothing and commits nothing.
+    Lag {
+        /// The consumer group; the processor's is its topology's name (e.g. atom-ingestion).
+        #[arg(long)]
+        group: String,
+        /// Topics to report (repeatable). Default: every topic the group has committed on.
+        #[arg(long)]
+        topic: Vec<String>,
+        /// Print the table again every --interval seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+        interval: u64,
+    },
     /// Encode JSON lines as Avro in the Confluent wire format.
     Produce {
         /// Topic whose value schema (subject `<topic>-value`) encodes the records.
@@ -153,6 +168,25 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
         }
         eprintln!("shutting down: draining in-flight records and committing");
     }
+}
+
+/// SIGINT or SIGTERM, without the drain message (for `lag --watch`).
+fn shutdown_signal_quiet() -> impl std::future::Future<Output = ()> + Send {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    }
+}
+
+/// Now in UTC, for `lag --watch`'s headings.
+fn chrono_now() -> String {
+    let ms = clock::system().now_ms();
+    arrow::temporal_conversions::timestamp_ms_to_datetime(ms).map_or_else(|| ms.to_string(), |t| format!("{} UTC", t.format("%Y-%m-%d %H:%M:%S")))
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -268,6 +302,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
                 (None, LogProfile::Embedded(_)) => {
                     anyhow::bail!("the embedded log lives only inside one command: pass --output FILE.wire, then `hartonomous run --input FILE.wire`")
+                }
+            }
+        }
+        Command::Lag { group, topic, watch, interval } => {
+            let profile = Profile::load(cli.connectors.as_deref())?;
+            let LogProfile::Kafka(k) = &profile.log else {
+                anyhow::bail!("`lag` reads a Kafka consumer group: pass a Kafka profile with --connectors (the embedded log has no groups)")
+            };
+            let stop = shutdown_signal_quiet();
+            tokio::pin!(stop);
+            loop {
+                let rows = hartonomous::log::kafka::group_lag(k, &group, &topic).await?;
+                if watch {
+                    println!("{}", chrono_now());
+                }
+                print!("{}", hartonomous::log::kafka::render_lag(&group, &rows));
+                if !watch {
+                    break;
+                }
+                println!();
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))) => {}
                 }
             }
         }

@@ -476,3 +476,54 @@ async fn configuration_owned_by_hartonomous_is_refused_with_the_reason() {
     let Err(LogError::Fatal(m)) = KafkaProducer::new(&config) else { panic!("missing secret variable accepted") };
     assert!(m.contains("HARTONOMOUS_KAFKA_TEST_NO_SUCH_VARIABLE"), "{m}");
 }
+
+/// `hartonomous lag`: per partition the group's committed offset, the end
+/// and the lag, read from outside the group. Records go in concurrently, so
+/// the broker stores them in batches: tansu's ListOffsets answer (start of
+/// the last batch + 1) would undercount the end, which the tail read corrects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_reports_committed_end_and_lag_per_partition() {
+    use hartonomous::log::kafka::group_lag;
+    let config = broker();
+    let t = topic(&config, "lag", 3).await;
+    let producer = KafkaProducer::new(&config).unwrap();
+    let records: Vec<_> = (0..3).flat_map(|p| (0..(p + 1) * 10).map(move |i| (p, i))).map(|(p, i)| rec(&t, Some(p), &format!("k{i}"), "v")).collect();
+    send_all(&producer, &records).await;
+    let tp = |p| TopicPartition::new(t.as_str(), p);
+    let group = unique("lag-group");
+    let mut c = KafkaConsumer::new(&config, &group, &[&t]).unwrap();
+    let mut got = Vec::new();
+    poll_until(&mut c, &mut got, "the consumer is assigned everything", |g, _| g.len() >= 60).await;
+    let commit = BTreeMap::from([(tp(0), 5), (tp(2), 30)]);
+    c.commit(&commit).await.unwrap();
+    tokio::time::timeout(DEADLINE, c.close()).await.expect("close timed out");
+
+    // Named topic: every partition, a never-committed one counting from the start.
+    let rows = group_lag(&config, &group, &[t.clone()]).await.unwrap();
+    let seen: Vec<(i32, Option<i64>, i64, i64)> = rows.iter().map(|r| (r.tp.partition, r.committed, r.end, r.lag())).collect();
+    assert_eq!(seen, vec![(0, Some(5), 10, 5), (1, None, 20, 20), (2, Some(30), 30, 0)]);
+    // No topic named: the partitions the group committed on (other tests'
+    // topics have other groups, so none of theirs).
+    let rows = group_lag(&config, &group, &[]).await.unwrap();
+    assert_eq!(rows.iter().map(|r| (r.tp.clone(), r.lag())).collect::<Vec<_>>(), vec![(tp(0), 5), (tp(2), 0)]);
+    // An unknown topic is an error that names it.
+    let err = group_lag(&config, &group, &["no-such-topic-for-lag".to_string()]).await.unwrap_err();
+    assert!(err.to_string().contains("no-such-topic-for-lag"), "{err}");
+
+    // The command prints the same table.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.toml");
+    std::fs::write(&profile, format!("[log]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\n", bootstrap())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hartonomous"))
+        .args(["--connectors", profile.to_str().unwrap(), "lag", "--group", &group, "--topic", &t])
+        .env("HARTONOMOUS_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = |p: i32| stdout.lines().find(|l| l.split_whitespace().take(2).eq([t.as_str(), &p.to_string()])).unwrap_or_else(|| panic!("no row for {p}:\n{stdout}")).split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+    assert_eq!(line(0), "5 10 5");
+    assert_eq!(line(1), "- 20 20");
+    assert_eq!(line(2), "30 30 0");
+    assert!(stdout.contains("total lag 25"), "{stdout}");
+}

@@ -21,6 +21,7 @@ mod admin;
 mod config;
 mod consumer;
 mod error;
+mod lag;
 mod producer;
 mod scan;
 mod stats;
@@ -34,6 +35,7 @@ pub use admin::ensure_topics;
 pub use config::KafkaConfig;
 pub use consumer::KafkaConsumer;
 pub use error::classify;
+pub use lag::{PartitionLag, group_lag, render as render_lag};
 pub use producer::KafkaProducer;
 pub use scan::KafkaScanner;
 
