@@ -448,6 +448,8 @@ fn kafka_listeners_agree_with_each_other_and_with_the_clients() {
     assert!(advertised.contains_key(&inter), "the inter-broker listener {inter} is not advertised");
     let roles = var("KAFKA_PROCESS_ROLES");
     assert!(roles.contains("broker") && roles.contains("controller"), "KAFKA_PROCESS_ROLES is `{roles}`: one KRaft node must be broker and controller");
+    // The image's start script stops in KRaft mode without a cluster id.
+    assert!(!var("CLUSTER_ID").trim().is_empty(), "the kafka service's CLUSTER_ID is empty");
 
     // A listener advertised on localhost is for the host: its port must be published as itself.
     let ports = published(kafka);
