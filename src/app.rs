@@ -16,7 +16,7 @@ use crate::flow::runner::Until;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::kafka::{KafkaConsumer, KafkaProducer, KafkaScanner, ensure_topics};
 use crate::record::OutgoingRecord;
-use crate::store::{AtomStore, InferenceStore};
+use crate::store::{AtomStore, InferenceStore, RequestLookup};
 use crate::store::clickhouse::ClickHouseStore;
 use crate::store::embedded::EmbeddedStore;
 pub use crate::topology::Summary;
@@ -124,18 +124,18 @@ pub async fn open_registry(profile: &Profile, topic: &str, name: &str) -> anyhow
 
 /// Opens the profile's store, as both contracts it serves; ClickHouse is
 /// migrated first when configured.
-pub async fn open_store(profile: &Profile) -> anyhow::Result<(Arc<dyn AtomStore>, Arc<dyn InferenceStore>)> {
+pub async fn open_store(profile: &Profile) -> anyhow::Result<(Arc<dyn AtomStore>, Arc<dyn InferenceStore>, Arc<dyn RequestLookup>)> {
     Ok(match &profile.store {
         StoreProfile::Embedded(_) => {
             let dir = profile.data_dir();
             crate::config::create_private_dir(dir).map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))?;
             let store = Arc::new(EmbeddedStore::open(dir)?);
-            (store.clone(), store)
+            (store.clone(), store.clone(), store)
         }
         // `connect` applies the DDL itself when `migrate_on_start` is set.
         StoreProfile::Clickhouse(c) => {
             let store = Arc::new(ClickHouseStore::connect(c.clone()).await?);
-            (store.clone(), store)
+            (store.clone(), store.clone(), store)
         }
     })
 }
@@ -158,18 +158,22 @@ pub async fn run_kafka(
     let clock = crate::clock::system();
     let metrics = Arc::new(Metrics::new(&spec.name));
     let breakers = crate::resilience::Breakers::default();
+    // `/requests/{id}` answers once the store is open; the other endpoints
+    // from the start, so that a processor still connecting is visible.
+    let requests = crate::ops::Requests::default();
     let ops = match listen {
         crate::ops::Listen::Off => None,
         crate::ops::Listen::On(addr) => {
             let exporter = Arc::new(crate::ops::Exporter { metrics: metrics.clone(), breakers: breakers.clone(), group: spec.group(), clock: clock.clone() });
-            let (_, task) = crate::ops::serve(addr, exporter).await.map_err(|e| {
-                anyhow::anyhow!("cannot listen on {addr} for /metrics, /health and /ready: {e}; choose another address with `--listen HOST:PORT` (or HARTONOMOUS_LISTEN), or turn them off with `--listen off`")
+            let (_, task) = crate::ops::serve(addr, exporter, requests.clone()).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {addr} for /metrics, /health, /ready and /requests: {e}; choose another address with `--listen HOST:PORT` (or HARTONOMOUS_LISTEN), or turn them off with `--listen off`")
             })?;
             Some(task)
         }
     };
     let registry = open_registry(profile, &spec.source.topic, &spec.source.schema).await?;
-    let (store, inference) = open_store(profile).await?;
+    let (store, inference, lookup) = open_store(profile).await?;
+    requests.set(lookup);
     let embedder = build_embedder(&profile.embedder, clock.clone())?;
     if kafka.create_topics {
         let mut topics = vec![(spec.source.topic.clone(), spec.source.partitions), (spec.dead_letter.topic.clone(), spec.source.partitions)];

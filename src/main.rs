@@ -101,6 +101,11 @@ enum Command {
     /// Run read-only SQL against the store (tables: atoms, dead_letters; on ClickHouse also
     /// atoms_per_source_hour). Creates nothing and migrates nothing; works for a read-only ClickHouse user.
     Query { sql: String },
+    /// What happened to one request, by its correlation id, as JSON (the same
+    /// answer as a running processor's GET /requests/{correlation_id}): stored,
+    /// matched, dead-lettered with the reason, completed or compensated.
+    /// Reads only, like `query`.
+    Status { correlation_id: String },
     /// Apply the ClickHouse DDL in schemas/clickhouse/ (idempotent).
     Migrate,
     /// Register the bundled schemas of every bundled topology's source topic in the
@@ -358,6 +363,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             for s in registry.list() {
                 println!("{:>4}  {}  v{}  {}", s.id, s.subject, s.version, s.schema.canonical_form());
             }
+        }
+        Command::Status { correlation_id } => {
+            use hartonomous::store::RequestLookup;
+            let profile = Profile::load(cli.connectors.as_deref())?;
+            let status = match &profile.store {
+                StoreProfile::Embedded(_) => {
+                    hartonomous::store::embedded::EmbeddedStore::open_read_only(profile.data_dir())?.request_status(&correlation_id).await?
+                }
+                StoreProfile::Clickhouse(c) => ClickHouseStore::connect_for_query(c.clone()).await?.request_status(&correlation_id).await?,
+            };
+            println!("{}", serde_json::to_string_pretty(&status)?);
         }
         // Reads only: creates no directory, file, database or table, and
         // runs no migration, so a read-only ClickHouse user can run it.

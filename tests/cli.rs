@@ -477,3 +477,40 @@ fn json_logs_are_one_object_per_line() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("atom-ingestion demo") && !stdout.contains("\"level\""), "stdout changed:\n{stdout}");
 }
+
+/// `hartonomous status ID` on the embedded default after the demo: every
+/// kind of answer GET /requests/{id} gives, from the same store look-up.
+#[test]
+fn status_tells_what_happened_to_each_kind_of_request() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(hartonomous(dir.path(), &["demo"]));
+    let status = |id: &str| -> serde_json::Value {
+        let out = ok(hartonomous(dir.path(), &["status", id]));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{id}: {e}: {out}"))
+    };
+    let created = status("demo-000");
+    assert_eq!(created["state"], "stored", "{created}");
+    assert_eq!(created["arrivals"][0]["outcome"], "created", "{created}");
+    // Three requests with one content, on different partitions: whichever
+    // came first stored it, the other two matched it.
+    let same: Vec<serde_json::Value> = ["demo-004", "demo-dup-1", "demo-dup-2"].map(status).into();
+    let states: Vec<&str> = same.iter().map(|s| s["state"].as_str().unwrap()).collect();
+    assert_eq!(states.iter().filter(|s| **s == "stored").count(), 1, "{same:?}");
+    assert_eq!(states.iter().filter(|s| **s == "matched").count(), 2, "{same:?}");
+    assert!(same.iter().all(|s| s["arrivals"][0]["content_hash"] == same[0]["arrivals"][0]["content_hash"]), "{same:?}");
+    let dead = status("demo-bad-type");
+    assert_eq!(dead["state"], "dead_lettered", "{dead}");
+    assert!(dead["dead_letters"][0]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{dead}");
+    let completed = status("demo-1");
+    assert_eq!(completed["state"], "completed", "{completed}");
+    assert_eq!(completed["results"].as_array().map(Vec::len), Some(1), "{completed}");
+    assert!(completed["results"][0]["label"].as_str().is_some_and(|l| !l.is_empty()), "{completed}");
+    let compensated = status("demo-8");
+    assert_eq!(compensated["state"], "compensated", "{compensated}");
+    assert_eq!(compensated["compensations"][0]["step"], 3, "announced: {compensated}");
+    let unknown = status("nobody");
+    assert_eq!(unknown["state"], "unknown", "{unknown}");
+    for list in ["arrivals", "dead_letters", "results", "compensations"] {
+        assert_eq!(unknown[list].as_array().map(Vec::len), Some(0), "{unknown}");
+    }
+}

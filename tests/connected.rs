@@ -1299,6 +1299,35 @@ async fn metrics_show_a_backlog_drain_to_zero_lag_with_every_record_counted() {
     assert!(text.contains("hartonomous_circuit_breaker_state{endpoint=\"store\",state=\"closed\"} 1"), "{text}");
     // What /metrics says is what the outputs hold.
     assert!(s.stored_everything(&w.expected).await);
+    // GET /requests/{correlation_id}, answered from ClickHouse: the request
+    // that created an atom, one that matched it, a malformed record (found
+    // by its key) and an id nobody sent.
+    let status_of = |id: &str| {
+        let (http, url) = (http.clone(), url(&format!("/requests/{id}")));
+        async move {
+            let (code, body) = http_get(&http, &url).await.expect("/requests answers");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {code} {e}: {body}"));
+            (code, v)
+        }
+    };
+    // ops-0 and ops-dup-0 carry one content, on different partitions:
+    // whichever came first stored it, the other matched it.
+    let (code0, first) = status_of("ops-0").await;
+    let (code1, second) = status_of("ops-dup-0").await;
+    assert_eq!((code0, code1), (200, 200), "{first} {second}");
+    let mut states = [first["state"].as_str().unwrap(), second["state"].as_str().unwrap()];
+    states.sort();
+    assert_eq!(states, ["matched", "stored"], "{first} {second}");
+    for v in [&first, &second] {
+        assert_eq!(v["arrivals"].as_array().map(Vec::len), Some(1), "{v}");
+        assert_eq!(v["arrivals"][0]["source_topic"], s.topic.as_str(), "{v}");
+    }
+    assert_eq!(first["arrivals"][0]["content_hash"], second["arrivals"][0]["content_hash"], "{first} {second}");
+    let (code, dead) = status_of("ops-bad-0").await;
+    assert_eq!((code, dead["state"].as_str()), (200, Some("dead_lettered")), "{dead}");
+    assert!(dead["dead_letters"][0]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{dead}");
+    let (code, unknown) = status_of("nobody%20sent%20this").await;
+    assert_eq!((code, unknown["state"].as_str(), unknown["correlation_id"].as_str()), (404, Some("unknown"), Some("nobody sent this")), "{unknown}");
     let status = terminate(&mut child);
     assert!(status.success(), "{status}\n{}", s.tail("p"));
     s.outputs(&w.expected).await.check(&w.expected, "ops");

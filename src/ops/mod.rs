@@ -1,6 +1,7 @@
 //! Operations endpoints of a running processor: `/metrics` (Prometheus text
 //! format), `/health` (liveness) and `/ready` (connected, partitions assigned,
-//! progress not stuck). They read the run's [`Metrics`](crate::flow::Metrics)
+//! progress not stuck), and `/requests/{correlation_id}` (what happened to
+//! one request, answered from the store as JSON). The first three read the run's [`Metrics`](crate::flow::Metrics)
 //! and circuit breakers at request time; nothing on the record path waits
 //! for them.
 //!
@@ -11,4 +12,4 @@ pub mod exporter;
 pub mod server;
 
 pub use exporter::Exporter;
-pub use server::{DEFAULT_LISTEN, Listen, serve};
+pub use server::{DEFAULT_LISTEN, Listen, Requests, serve};

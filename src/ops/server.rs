@@ -1,11 +1,12 @@
-//! The HTTP/1 listener for `/metrics`, `/health` and `/ready`.
+//! The HTTP/1 listener for `/metrics`, `/health`, `/ready` and
+//! `/requests/{correlation_id}`.
 //!
 //! It binds to loopback by default ([`DEFAULT_LISTEN`]): metrics name topics,
 //! groups and endpoints, which are not for every network the host is on. A
 //! scraper elsewhere needs `--listen 0.0.0.0:9464` (or a sidecar) on purpose.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,6 +20,18 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::Exporter;
+use crate::store::RequestLookup;
+
+/// The store `/requests/{correlation_id}` answers from. Set once the store
+/// is open; until then the endpoint answers 503.
+#[derive(Clone, Default)]
+pub struct Requests(Arc<OnceLock<Arc<dyn RequestLookup>>>);
+
+impl Requests {
+    pub fn set(&self, store: Arc<dyn RequestLookup>) {
+        let _ = self.0.set(store);
+    }
+}
 
 /// Where the endpoints listen unless `--listen` says otherwise (9464: the
 /// OpenTelemetry Prometheus exporter's default port).
@@ -46,10 +59,10 @@ impl std::str::FromStr for Listen {
 
 /// Binds `addr` and serves the endpoints until the returned task is
 /// aborted. Returns the bound address (useful with port 0).
-pub async fn serve(addr: SocketAddr, exporter: Arc<Exporter>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+pub async fn serve(addr: SocketAddr, exporter: Arc<Exporter>, requests: Requests) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    tracing::info!(%bound, "serving /metrics, /health and /ready");
+    tracing::info!(%bound, "serving /metrics, /health, /ready and /requests/{{correlation_id}}");
     let task = tokio::spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {
@@ -61,11 +74,11 @@ pub async fn serve(addr: SocketAddr, exporter: Arc<Exporter>) -> std::io::Result
                     continue;
                 }
             };
-            let exporter = exporter.clone();
+            let (exporter, requests) = (exporter.clone(), requests.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
-                    let exporter = exporter.clone();
-                    async move { Ok::<_, std::convert::Infallible>(route(&req, &exporter)) }
+                    let (exporter, requests) = (exporter.clone(), requests.clone());
+                    async move { Ok::<_, std::convert::Infallible>(route(&req, &exporter, &requests).await) }
                 });
                 if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                     tracing::debug!(error = %e, "ops endpoint: connection ended with an error");
@@ -85,9 +98,14 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 
 const PLAIN: &str = "text/plain; charset=utf-8";
 
-fn route(req: &Request<Incoming>, exporter: &Exporter) -> Response<Full<Bytes>> {
+const JSON: &str = "application/json";
+
+async fn route(req: &Request<Incoming>, exporter: &Exporter, requests: &Requests) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n".into());
+    }
+    if let Some(id) = req.uri().path().strip_prefix("/requests/") {
+        return request_status(id, requests).await;
     }
     match req.uri().path() {
         "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", exporter.render()),
@@ -96,8 +114,36 @@ fn route(req: &Request<Incoming>, exporter: &Exporter) -> Response<Full<Bytes>> 
             Ok(s) => text(StatusCode::OK, PLAIN, format!("{s}\n")),
             Err(s) => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{s}\n")),
         },
-        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found; try /metrics, /health or /ready\n".into()),
+        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found; try /metrics, /health, /ready or /requests/{correlation_id}\n".into()),
     }
+}
+
+/// `GET /requests/{correlation_id}` (percent-encoded in the path): 200 with
+/// the request's status as JSON when the store knows it, 404 with the same
+/// JSON (`"state": "unknown"`) when it does not (not arrived, in flight, or
+/// never sent: callers poll), 503 while the store is not open or answers
+/// with an error.
+async fn request_status(encoded: &str, requests: &Requests) -> Response<Full<Bytes>> {
+    let id = match percent_decode(encoded) {
+        Some(id) if !id.is_empty() => id,
+        _ => return text(StatusCode::BAD_REQUEST, PLAIN, "give a correlation id: /requests/{correlation_id}, percent-encoded\n".into()),
+    };
+    let Some(store) = requests.0.get() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "the store is not open yet; retry\n".into());
+    };
+    match store.request_status(&id).await {
+        Ok(status) => {
+            let code = if status.is_known() { StatusCode::OK } else { StatusCode::NOT_FOUND };
+            let body = serde_json::to_string(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+            text(code, JSON, body + "\n")
+        }
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("looking the request up failed: {e}\n")),
+    }
+}
+
+/// `%XX` escapes decoded; `None` when the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned())
 }
 
 #[cfg(test)]
@@ -122,7 +168,7 @@ mod tests {
             clock: crate::clock::system(),
         });
         Metrics::add(&exporter.metrics.records_in, 3);
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), exporter).await.unwrap();
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), exporter, Requests::default()).await.unwrap();
         let client = crate::tls::http_client("http://127.0.0.1", None, std::time::Duration::from_secs(5), "ops test").unwrap();
         let get = |path: &'static str| {
             let client = client.clone();

@@ -4,6 +4,7 @@
 
 pub mod embedded;
 pub mod clickhouse;
+pub mod status;
 
 use std::collections::{HashMap, HashSet};
 
@@ -13,6 +14,7 @@ use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePositi
 use crate::outcome::{Classify, ErrorClass};
 
 pub use crate::dead_letter::{DeadLetterArchive, DeadLetterRow};
+pub use status::{RequestLookup, RequestStatus};
 use crate::inference::{CompensationRow, OutputRow, Recalled, ResultRow, Retracted};
 
 /// The ensemble-inference store contract: results, every model's output,

@@ -49,6 +49,7 @@ mod inference;
 mod insert;
 mod migrate;
 mod query;
+mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;

@@ -48,6 +48,7 @@ mod inference;
 mod insert;
 mod keys;
 mod query;
+mod status;
 mod tables;
 
 use std::collections::{HashMap, HashSet};

@@ -28,12 +28,19 @@ impl EmbeddedStore {
         Ok(table.to_string())
     }
 
-    async fn run_query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
+    /// A fresh session with every table and view registered: it sees every
+    /// file written before it was made.
+    pub(super) async fn session(&self) -> Result<SessionContext, QueryError> {
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
         for table in [&self.atoms, &self.dead_letters, &self.arrivals].into_iter().chain(self.inference.tables()) {
             table.register(&ctx).await?;
         }
         self.inference.register_views(&ctx).await?;
+        Ok(ctx)
+    }
+
+    async fn run_query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
+        let ctx = self.session().await?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
