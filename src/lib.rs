@@ -10,6 +10,7 @@ pub mod record;
 pub mod resilience;
 pub mod store;
 pub mod tls;
+pub mod trace;
 pub mod avro;
 pub mod dead_letter;
 pub mod failpoint;

@@ -513,7 +513,8 @@ async fn lag_reports_committed_end_and_lag_per_partition() {
     // The command prints the same table.
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("profile.toml");
-    std::fs::write(&profile, format!("[log]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\n", bootstrap())).unwrap();
+    let sections = "[store]\nkind = \"embedded\"\n[registry]\nkind = \"file\"\n[embedder]\nkind = \"hashing\"\ndimension = 8\n";
+    std::fs::write(&profile, format!("[log]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\n{sections}", bootstrap())).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hartonomous"))
         .args(["--connectors", profile.to_str().unwrap(), "lag", "--group", &group, "--topic", &t])
         .env("HARTONOMOUS_DATA_DIR", dir.path())

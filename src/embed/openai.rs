@@ -263,6 +263,9 @@ impl OpenAiEmbedder {
                 async move {
                     let mut request =
                         self.client.post(&self.endpoint).header(CONTENT_TYPE, "application/json").body(body);
+                    if let Some(tp) = crate::trace::outgoing() {
+                        request = request.header("traceparent", tp);
+                    }
                     if let Some(auth) = &self.auth {
                         request = request.header(AUTHORIZATION, auth.clone());
                     }

@@ -190,6 +190,9 @@ impl HttpModel {
 
     async fn attempt(&self, input: &str) -> Result<Prediction, ModelError> {
         let mut request = self.client.post(&self.endpoint).header(CONTENT_TYPE, "application/json").body(self.body(input).to_string());
+        if let Some(tp) = crate::trace::outgoing() {
+            request = request.header("traceparent", tp);
+        }
         if let Some(auth) = &self.auth {
             request = request.header(AUTHORIZATION, auth.clone());
         }

@@ -97,11 +97,15 @@ impl Stage for Embed {
         let wanted = |a: &Admitted| a.store_atom && is_text(&a.hashed.request.content_type);
         let text_idx: Vec<usize> = (0..items.len()).filter(|&i| wanted(&items[i].value)).collect();
         let chunk = self.embedder.max_batch().max(1);
-        let calls: Vec<Vec<String>> = text_idx
+        // Each call carries the trace context of its first record (crate::trace).
+        let calls: Vec<(Option<crate::trace::TraceParent>, Vec<String>)> = text_idx
             .chunks(chunk)
-            .map(|c| c.iter().map(|&i| String::from_utf8_lossy(&items[i].value.hashed.request.content).into_owned()).collect())
+            .map(|c| {
+                let context = c.iter().find_map(|&i| crate::trace::TraceParent::of_header(items[i].record.headers.get("traceparent")));
+                (context, c.iter().map(|&i| String::from_utf8_lossy(&items[i].value.hashed.request.content).into_owned()).collect())
+            })
             .collect();
-        let results: Vec<_> = futures::stream::iter(calls.into_iter().map(|texts| self.call(texts)))
+        let results: Vec<_> = futures::stream::iter(calls.into_iter().map(|(context, texts)| crate::trace::within(context, self.call(texts))))
             .buffered(self.concurrency.max(1))
             .collect()
             .await;

@@ -56,7 +56,7 @@ impl Persist {
             source_partition: pos.tp.partition,
             source_offset: pos.offset,
             ingested_at_ms: now_ms,
-            trace_id: trace_id(item.record.headers.get_str("traceparent")),
+            trace_id: crate::trace::trace_id(item.record.headers.get_str("traceparent")),
         }
     }
 
@@ -76,7 +76,7 @@ impl Persist {
             correlation_id: req.correlation_id.clone(),
             event_time_ms: req.created_at_ms.unwrap_or(item.record.event_time_ms),
             arrived_at_ms: now_ms,
-            trace_id: trace_id(item.record.headers.get_str("traceparent")),
+            trace_id: crate::trace::trace_id(item.record.headers.get_str("traceparent")),
         }
     }
 
@@ -137,17 +137,6 @@ impl Persist {
             }
         }
         Ok(())
-    }
-}
-
-/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`),
-/// or empty when there is none or it is malformed.
-pub fn trace_id(traceparent: Option<&str>) -> String {
-    let Some(tp) = traceparent else { return String::new() };
-    let mut parts = tp.trim().split('-');
-    match (parts.next(), parts.next()) {
-        (Some(v), Some(id)) if v.len() == 2 && id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) => id.to_ascii_lowercase(),
-        _ => String::new(),
     }
 }
 

@@ -179,8 +179,10 @@ impl Invoke {
             .enumerate()
             .map(|(position, model)| {
                 let slot = reservations.remove(model.id());
+                let context = crate::trace::TraceParent::of_header(source.headers.get("traceparent"));
                 async move {
-                    let inv = model.invoke(input).await;
+                    // The model server sees this request's trace (crate::trace).
+                    let inv = crate::trace::within(context, model.invoke(input)).await;
                     drop(slot);
                     (position, inv)
                 }
