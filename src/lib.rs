@@ -11,6 +11,7 @@ pub mod resilience;
 pub mod store;
 pub mod tls;
 pub mod trace;
+pub mod telemetry;
 pub mod avro;
 pub mod dead_letter;
 pub mod failpoint;

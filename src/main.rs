@@ -35,6 +35,11 @@ struct Cli {
     /// log shippers. The level comes from RUST_LOG (default: warn).
     #[arg(long, global = true, env = "HARTONOMOUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    /// Export spans (a `batch` span per window, a `stage` span per stage call)
+    /// over OTLP/HTTP to this collector URL, e.g. http://127.0.0.1:4318/v1/traces.
+    /// Off unless this or OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set.
+    #[arg(long, global = true, env = "HARTONOMOUS_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -136,19 +141,27 @@ enum TopologyCommand {
 }
 
 fn main() -> ExitCode {
-    use std::io::IsTerminal;
     let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     // Logs go to stderr (stdout carries results), coloured only on a
     // terminal: no escape codes in files, pipes and CI logs.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Human => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().with_ansi(false).with_current_span(true).with_span_list(false).init(),
-    }
+    let format = match cli.log_format {
+        LogFormat::Human => hartonomous::telemetry::LogFormat::Human,
+        LogFormat::Json => hartonomous::telemetry::LogFormat::Json,
+    };
+    let endpoint = hartonomous::telemetry::otlp_endpoint(cli.otlp_endpoint.clone());
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "hartonomous".into());
+    let telemetry = match rt.block_on(async { hartonomous::telemetry::init(format, endpoint.as_deref(), &service) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot set up logs and traces: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     hartonomous::avro::wire::limit_allocations();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(dispatch(cli)) {
+    let result = rt.block_on(dispatch(cli));
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -61,6 +61,19 @@ impl TraceParent {
         Self { trace_id: self.trace_id.clone(), span_id: format!("{span:016x}"), flags: self.flags.clone() }
     }
 
+    /// The OpenTelemetry form, for span links.
+    pub fn span_context(&self) -> Option<opentelemetry::trace::SpanContext> {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        let flags = u8::from_str_radix(&self.flags, 16).ok()?;
+        Some(SpanContext::new(
+            TraceId::from_hex(&self.trace_id).ok()?,
+            SpanId::from_hex(&self.span_id).ok()?,
+            TraceFlags::new(flags),
+            true,
+            TraceState::default(),
+        ))
+    }
+
     pub fn header(&self) -> String {
         format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
     }

@@ -461,3 +461,76 @@ fn a_ca_file_that_is_not_pem_certificates_is_refused_by_check() {
     assert!(err.starts_with("ca_file") && err.contains("key.pem"), "{err}");
     assert!(OpenAiEmbedder::new(c, system()).is_err());
 }
+
+/// The W3C trace context of an input record reaches everything done for it
+/// (crate::trace): the `trace_id` of its atom row, the `traceparent` header
+/// of its `AtomIngested` event, and the `traceparent` of the embedding
+/// request made for it (a child span of the same trace). A record without
+/// one starts no trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_records_trace_id_reaches_its_row_its_event_and_the_embedding_request() {
+    use arrow::array::{Array, StringArray};
+    let server = Server::start(Behaviour::Ok, vec![]);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut app, _) = common::app(dir.path());
+    // One text per request, so each request belongs to one record.
+    app.embedder = Arc::new(embedder(OpenAiConfig { max_batch: 1, ..config(&server, 3) }));
+    let spec = hartonomous::topology::bundled("atom-ingestion").unwrap();
+    let trace = |i: usize| format!("{:032x}", 0xabc000 + i);
+    let records: Vec<_> = (0..6)
+        .map(|i| {
+            let mut r = common::json_record(&spec.source.topic, &common::request_json(i, &format!("traced text {i}"), "tracing"));
+            if i % 3 != 2 {
+                r.headers.insert("traceparent", format!("00-{}-{:016x}-01", trace(i), 0x77 + i).into_bytes());
+            }
+            r
+        })
+        .collect();
+    app.run_to_end(&spec, records).await.unwrap();
+    let expected = |i: usize| if i % 3 != 2 { trace(i) } else { String::new() };
+
+    // The rows.
+    let batches = app.store.query("SELECT correlation_id, trace_id, content_hash FROM atoms ORDER BY correlation_id").await.unwrap();
+    let mut rows = Vec::new();
+    let mut by_hash = std::collections::HashMap::new();
+    for b in &batches {
+        let col = |c: usize| b.column(c).as_any().downcast_ref::<StringArray>().unwrap().clone();
+        let (ids, traces, hashes) = (col(0), col(1), col(2));
+        for i in 0..b.num_rows() {
+            rows.push((ids.value(i).to_string(), traces.value(i).to_string()));
+            by_hash.insert(hashes.value(i).to_string(), ids.value(i).to_string());
+        }
+    }
+    assert_eq!(rows, (0..6).map(|i| (format!("req-{i}"), expected(i))).collect::<Vec<_>>());
+
+    // The events (keyed by content hash).
+    let events = app.log.records("atoms.ingested");
+    assert_eq!(events.len(), 6);
+    let mut sent: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            let hash = String::from_utf8(e.key.clone().unwrap()).unwrap();
+            (by_hash[&hash].clone(), hartonomous::trace::trace_id(e.headers.get_str("traceparent")))
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(sent, (0..6).map(|i| (format!("req-{i}"), expected(i))).collect::<Vec<_>>());
+
+    // The embedding requests: one per record, a child of its trace.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 6);
+    let mut seen: Vec<(String, String)> = requests
+        .iter()
+        .map(|r| {
+            let text = r.inputs().remove(0);
+            let i: usize = text.rsplit(' ').next().unwrap().parse().unwrap();
+            let tp = r.header("traceparent").map(str::to_string);
+            if let Some(tp) = &tp {
+                assert!(!tp.contains(&format!("{:016x}", 0x77 + i)), "a new span id, not the producer's: {tp}");
+            }
+            (format!("req-{i}"), hartonomous::trace::trace_id(tp.as_deref()))
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, (0..6).map(|i| (format!("req-{i}"), expected(i))).collect::<Vec<_>>());
+}

@@ -44,6 +44,10 @@ pub struct Batch<T> {
     pub slots: Vec<Slot<T>>,
     /// Sum of the records' `byte_len`, reserved against the in-flight budget.
     pub bytes: usize,
+    /// The window's `batch` span, parent of every stage's span for it; it
+    /// ends when the acker drops the batch (crate::telemetry). Disabled (and
+    /// free) unless spans are exported.
+    pub span: tracing::Span,
 }
 
 impl<T> Batch<T> {

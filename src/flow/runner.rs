@@ -404,6 +404,33 @@ fn caught_up<C: LogConsumer>(consumer: &C) -> bool {
     !positions.is_empty() && positions.values().all(|p| p.end.is_some_and(|end| p.next >= end))
 }
 
+/// Traces a window links to, at most: a span carries its links in every export.
+const MAX_BATCH_LINKS: usize = 128;
+
+/// The root span of one window, linked to the trace of each record that
+/// carried a `traceparent` (crate::trace), so that a trace viewer leads from
+/// a producer's trace to the windows that processed it.
+fn batch_span(seq: u64, records: &[crate::record::Record]) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(parent: None, "batch", batch = seq, records = records.len());
+    if span.is_disabled() {
+        return span;
+    }
+    let mut linked = std::collections::HashSet::new();
+    for r in records {
+        let Some(tp) = crate::trace::TraceParent::of_header(r.headers.get("traceparent")) else { continue };
+        if linked.len() >= MAX_BATCH_LINKS {
+            break;
+        }
+        if linked.insert(tp.trace_id().to_string()) {
+            if let Some(cx) = tp.span_context() {
+                span.add_link(cx);
+            }
+        }
+    }
+    span
+}
+
 /// Hands the window to the first edge, or queues it when the edge is full
 /// (the caller then pauses the partitions).
 fn flush(window: &mut Window, seq: &mut u64, head: &mpsc::Sender<Batch<()>>, pending: &mut VecDeque<Batch<()>>) {
@@ -412,8 +439,9 @@ fn flush(window: &mut Window, seq: &mut u64, head: &mpsc::Sender<Batch<()>>, pen
         return;
     }
     *seq += 1;
+    let span = batch_span(*seq, &records);
     let slots = records.into_iter().map(|r| Slot::Live(Item { record: Arc::new(r), value: () })).collect();
-    let batch = Batch { seq: *seq, slots, bytes };
+    let batch = Batch { seq: *seq, slots, bytes, span };
     if !pending.is_empty() {
         pending.push_back(batch);
         return;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use tracing::Instrument;
 use tokio::sync::{mpsc, watch};
 
 use super::batch::{Batch, End, Item, Slot};
@@ -101,7 +102,7 @@ impl StageContext {
 
 /// Splits a batch into the live items the stage sees and a template that
 /// puts the outcomes back in place.
-fn split<T>(batch: Batch<T>) -> (Vec<Item<T>>, Vec<Option<Slot<()>>>, u64, usize) {
+fn split<T>(batch: Batch<T>) -> (Vec<Item<T>>, Vec<Option<Slot<()>>>, u64, usize, tracing::Span) {
     let mut live = Vec::new();
     let mut template = Vec::with_capacity(batch.slots.len());
     for slot in batch.slots {
@@ -113,7 +114,12 @@ fn split<T>(batch: Batch<T>) -> (Vec<Item<T>>, Vec<Option<Slot<()>>>, u64, usize
             Slot::Done { record, end } => template.push(Some(Slot::Done { record, end })),
         }
     }
-    (live, template, batch.seq, batch.bytes)
+    (live, template, batch.seq, batch.bytes, batch.span)
+}
+
+/// The span of one stage call on one window, a child of the window's span.
+fn stage_span(name: &'static str, ctx: &StageContext, parent: &tracing::Span, seq: u64, records: usize) -> tracing::Span {
+    tracing::info_span!(parent: parent, "stage", otel.name = name, topology = %ctx.metrics.topology, stage = name, batch = seq, records)
 }
 
 fn merge<I, O>(
@@ -124,6 +130,7 @@ fn merge<I, O>(
     outcomes: Vec<Outcome<O>>,
     seq: u64,
     bytes: usize,
+    span: tracing::Span,
 ) -> Result<Batch<O>, Fatal> {
     if outcomes.len() != records.len() {
         return Err(Fatal::new(stage, format!("returned {} outcomes for {} records (a stage bug)", outcomes.len(), records.len())));
@@ -150,7 +157,7 @@ fn merge<I, O>(
             }
         })
         .collect();
-    Ok(Batch { seq, slots, bytes })
+    Ok(Batch { seq, slots, bytes, span })
 }
 
 /// Counts one `process` call in the stage's tallies (records in and out,
@@ -171,13 +178,13 @@ pub fn spawn<S: Stage>(name: &'static str, mut stage: S, mut rx: mpsc::Receiver<
     let ctx = ctx.clone();
     tokio::spawn(async move {
         while let Some(batch) = rx.recv().await {
-            let (live, template, seq, bytes) = split(batch);
+            let (live, template, seq, bytes, span) = split(batch);
             let records: Vec<_> = live.iter().map(|i| i.record.clone()).collect();
             let started = ctx.clock.now_ms();
-            let result = match stage.process(live).await {
+            let result = match stage.process(live).instrument(stage_span(name, &ctx, &span, seq, records.len())).await {
                 Ok(outcomes) => {
                     tally(name, &ctx, records.len(), &outcomes, started);
-                    merge::<S::In, S::Out>(name, &ctx, records, template, outcomes, seq, bytes)
+                    merge::<S::In, S::Out>(name, &ctx, records, template, outcomes, seq, bytes, span)
                 }
                 Err(f) => Err(f),
             };
@@ -224,12 +231,12 @@ pub fn spawn_concurrent<S: Stage + Clone>(
                     let mut s = stage.clone();
                     let ctx2 = ctx.clone();
                     running.push_back(async move {
-                        let (live, template, seq, bytes) = split(batch);
+                        let (live, template, seq, bytes, span) = split(batch);
                         let records: Vec<_> = live.iter().map(|i| i.record.clone()).collect();
                         let started = ctx2.clock.now_ms();
-                        let outcomes = s.process(live).await?;
+                        let outcomes = s.process(live).instrument(stage_span(name, &ctx2, &span, seq, records.len())).await?;
                         tally(name, &ctx2, records.len(), &outcomes, started);
-                        merge::<S::In, S::Out>(name, &ctx2, records, template, outcomes, seq, bytes)
+                        merge::<S::In, S::Out>(name, &ctx2, records, template, outcomes, seq, bytes, span)
                     });
                 }
                 else => return,
