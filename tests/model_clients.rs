@@ -14,6 +14,8 @@ use hartonomous::model::{Model, ModelError, Prediction};
 struct Server {
     url: String,
     seen: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+    /// Each request's `traceparent` header, if it had one.
+    traceparents: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 impl Server {
@@ -21,7 +23,8 @@ impl Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (log, body) = (seen.clone(), body.to_string());
+        let traceparents = Arc::new(Mutex::new(Vec::new()));
+        let (log, traces, body) = (seen.clone(), traceparents.clone(), body.to_string());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
@@ -30,6 +33,7 @@ impl Server {
                 reader.read_line(&mut line).unwrap();
                 let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
                 let mut length = 0;
+                let mut traceparent = None;
                 loop {
                     let mut h = String::new();
                     reader.read_line(&mut h).unwrap();
@@ -39,7 +43,11 @@ impl Server {
                     if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
                         length = v.trim().parse().unwrap();
                     }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("traceparent:") {
+                        traceparent = Some(v.trim().to_string());
+                    }
                 }
+                traces.lock().unwrap().push(traceparent);
                 let mut request = vec![0; length];
                 reader.read_exact(&mut request).unwrap();
                 log.lock().unwrap().push((path, serde_json::from_slice(&request).unwrap_or_default()));
@@ -47,7 +55,7 @@ impl Server {
                 let _ = stream.write_all(answer.as_bytes());
             }
         });
-        Self { url, seen }
+        Self { url, seen, traceparents }
     }
 
     fn seen(&self) -> Vec<(String, serde_json::Value)> {
@@ -128,4 +136,23 @@ async fn failures_are_classified() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let e = model(&format!("http://127.0.0.1:{port}"), oip()).predict("x").await.unwrap_err();
     assert!(matches!(e, ModelError::Unavailable(_)), "{e}");
+}
+
+/// A call made within a request's trace context sends a child `traceparent`
+/// of it (same trace id, a new span id); a call outside any sends none.
+#[tokio::test]
+async fn a_call_carries_the_requests_trace_context() {
+    use hartonomous::trace::{TraceParent, within};
+    let server = Server::start(200, r#"{"prediction":{"label":"ok"}}"#);
+    let protocol = Protocol::Json { input_field: "text".into(), label_pointer: "/prediction/label".into(), score_pointer: None };
+    let m = model(&server.url, protocol);
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    within(TraceParent::parse(tp), m.predict("traced")).await.unwrap();
+    m.predict("untraced").await.unwrap();
+    let sent = server.traceparents.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    let child = TraceParent::parse(sent[0].as_deref().expect("a traceparent on the traced call")).unwrap();
+    assert_eq!(child.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+    assert_ne!(sent[0].as_deref(), Some(tp), "a new span id");
+    assert_eq!(sent[1], None);
 }
