@@ -7,7 +7,12 @@
 //!    atom rows (384-dimension embedding, 1 KiB content) in batches of 10,000;
 //! 4. the atom-ingestion topology over the same topic, in process, into
 //!    ClickHouse: once with the built-in hashing embedder at 384 dimensions,
-//!    once with the embed stage left out of the declaration.
+//!    once with the embed stage left out of the declaration;
+//! 5. the first variant again with operations on: `/metrics` served and
+//!    scraped every second, and spans exported over OTLP to a collector that
+//!    accepts and discards them (inside this process). Step 4 runs with no
+//!    endpoint and no span exporter, so 4 vs 5 is their overhead. The
+//!    counters behind `/metrics` are plain atomics that are always on.
 //!
 //! It prints every rate and the ratio of each topology rate to the lower of
 //! the two ceilings. Nothing here is asserted about speed; the run only checks
@@ -107,15 +112,28 @@ async fn run(n: usize) {
     let insert = raw_insert(&format!("{id}_raw"), n).await;
 
     // 4. The topology, with and without the embed stage.
-    let with_embed = topology(&id, "hashing384", &topic, &registry_path, true, n).await;
-    let without_embed = topology(&id, "noembed", &topic, &registry_path, false, n).await;
+    let with_embed = topology(&id, "hashing384", &topic, &registry_path, true, n, None).await;
+    let without_embed = topology(&id, "noembed", &topic, &registry_path, false, n, None).await;
+
+    // 5. Operations on: spans to a local collector, /metrics scraped every second.
+    let (collector, exported) = sink_collector().await;
+    let telemetry = hartonomous::telemetry::init(hartonomous::telemetry::LogFormat::Human, Some(&collector), "e2e-bench").unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let with_ops = topology(&id, "hashing384ops", &topic, &registry_path, true, n, Some(listen)).await;
+    telemetry.shutdown();
+    let exports = exported.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(exports > 0, "no span export reached the collector");
 
     let ceiling = rate(n, consume).min(rate(n, insert));
     println!("\nend-to-end benchmark, {n} records of ~1 KiB, {PARTITIONS} partitions, {} cores", std::thread::available_parallelism().map_or(0, |p| p.get()));
     println!("  {:<44} {:>12.0} records/s", "produce (acks=all, idempotent)", rate(n, produce));
     println!("  {:<44} {:>12.0} records/s", "raw consume (bare rdkafka)", rate(n, consume));
     println!("  {:<44} {:>12.0} records/s", "raw insert (bare clickhouse crate, 384-dim)", rate(n, insert));
-    for (name, (total, steady)) in [("topology, hashing embedder 384-dim", with_embed), ("topology, no embed stage", without_embed)] {
+    for (name, (total, steady)) in [
+        ("topology, hashing embedder 384-dim", with_embed),
+        ("topology, no embed stage", without_embed),
+        ("topology, 384-dim, /metrics scraped + OTLP spans", with_ops),
+    ] {
         println!(
             "  {:<44} {:>12.0} records/s  ({:.2} of the lower ceiling; {:.0} records/s counting group join)",
             name,
@@ -124,6 +142,56 @@ async fn run(n: usize) {
             total
         );
     }
+    println!(
+        "  operations overhead: {:.1} % of the steady rate ({exports} OTLP export requests, /metrics scraped every second)",
+        (1.0 - with_ops.1 / with_embed.1) * 100.0
+    );
+}
+
+/// An OTLP/HTTP collector that answers every export with 200 and counts them.
+async fn sink_collector() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if reader.get_mut().write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, count)
 }
 
 #[derive(Row, Serialize)]
@@ -191,7 +259,7 @@ async fn raw_insert(database: &str, n: usize) -> Duration {
 
 /// Runs the topology until ClickHouse holds all `n` atoms. Returns the rate
 /// counting the group join, and the steady rate from the first stored atom.
-async fn topology(id: &str, variant: &str, topic: &str, registry: &Path, embed: bool, n: usize) -> (f64, f64) {
+async fn topology(id: &str, variant: &str, topic: &str, registry: &Path, embed: bool, n: usize, listen: Option<std::net::SocketAddr>) -> (f64, f64) {
     let database = format!("{id}_{variant}");
     let mut text = hartonomous::topology::TOPOLOGIES[0].declaration().replace("\"atoms.ingest.dlq\"", &format!("\"{topic}.{variant}.dlq\"")).replace(
         "\"atoms.ingested\"",
@@ -224,8 +292,21 @@ async fn topology(id: &str, variant: &str, topic: &str, registry: &Path, embed: 
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
+    // With an address: serve /metrics there and scrape it every second, as Prometheus would.
+    let scraper = listen.map(|addr| {
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Ok(r) = client.get(format!("http://{addr}/metrics")).send().await {
+                    let _ = r.text().await;
+                }
+            }
+        })
+    });
+    let listen = listen.map_or(hartonomous::ops::Listen::Off, hartonomous::ops::Listen::On);
     let run = tokio::spawn(async move {
-        hartonomous::app::run_kafka(&profile, &spec, hartonomous::ops::Listen::Off, async move {
+        hartonomous::app::run_kafka(&profile, &spec, listen, async move {
             let _ = stopped.await;
         })
         .await
@@ -253,6 +334,9 @@ async fn topology(id: &str, variant: &str, topic: &str, registry: &Path, embed: 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let done = Instant::now();
+    if let Some(s) = scraper {
+        s.abort();
+    }
     stop.send(()).unwrap();
     let summary = run.await.unwrap().unwrap();
     assert_eq!(summary.count(counters::ATOMS_STORED), n as u64, "{variant}: {}", summary.render());
