@@ -123,6 +123,7 @@ impl<'a> DeadLetter<'a> {
             failed_at_ms: self.failed_at_ms,
             original_key: self.record.key.clone(),
             original_payload: self.record.payload.clone(),
+            trace_id: crate::trace::trace_id(self.record.headers.get_str("traceparent")),
         }
     }
 }
@@ -143,6 +144,8 @@ pub struct DeadLetterRow {
     pub failed_at_ms: i64,
     pub original_key: Option<Vec<u8>>,
     pub original_payload: Vec<u8>,
+    /// The trace id of the record's `traceparent` header, or empty (crate::trace).
+    pub trace_id: String,
 }
 
 /// Where dead letters are archived for analysts (table `dead_letters`).

@@ -151,6 +151,10 @@ pub struct OutputRow {
     pub answered_at_ms: u64,
     pub deleted: u8,
     pub version: u64,
+    /// The trace id of the request's `traceparent` (crate::trace), or empty.
+    /// Defaulted: parts written before the column existed have none.
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 impl OutputRow {
@@ -184,6 +188,10 @@ pub struct ResultRow {
     pub completed_at_ms: u64,
     pub deleted: u8,
     pub version: u64,
+    /// The trace id of the request's `traceparent` (crate::trace), or empty.
+    /// Defaulted: parts written before the column existed have none.
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 impl ResultRow {
@@ -255,6 +263,10 @@ pub struct CompensationRow {
     pub updated_at_ms: u64,
     /// The step's number, so the furthest step wins.
     pub version: u64,
+    /// The trace id of the request's `traceparent` (crate::trace), or empty.
+    /// Defaulted: parts written before the column existed have none.
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 impl CompensationRow {
@@ -263,8 +275,8 @@ impl CompensationRow {
     }
 
     /// The row of step `step` for the compensation `event` (not yet
-    /// retracted, not yet announced).
-    pub fn of(event: &InferenceCompensation, step: CompensationStep) -> Self {
+    /// retracted, not yet announced), in the trace `trace_id`.
+    pub fn of(event: &InferenceCompensation, step: CompensationStep, trace_id: &str) -> Self {
         Self {
             source_topic: event.source_topic.clone(),
             source_partition: event.source_partition,
@@ -285,6 +297,7 @@ impl CompensationRow {
             announce_offset: -1,
             updated_at_ms: 0,
             version: step as u64,
+            trace_id: trace_id.to_string(),
         }
     }
 
@@ -324,8 +337,9 @@ impl CompensationRow {
 }
 
 impl OutputRow {
-    /// The row that retracts the output of `model` for the request at `p`.
-    pub fn retraction_of(p: &SourcePosition, correlation_id: &str, model: &str) -> Self {
+    /// The row that retracts the output of `model` for the request at `p`,
+    /// in the trace of the compensation that retracts it.
+    pub fn retraction_of(p: &SourcePosition, correlation_id: &str, model: &str, trace_id: &str) -> Self {
         Self {
             source_topic: p.topic.clone(),
             source_partition: p.partition,
@@ -349,13 +363,15 @@ impl OutputRow {
             answered_at_ms: 0,
             deleted: 1,
             version: RETRACTED,
+            trace_id: trace_id.to_string(),
         }
     }
 }
 
 impl ResultRow {
-    /// The row that retracts the result of the request at `p`.
-    pub fn retraction_of(p: &SourcePosition, correlation_id: &str) -> Self {
+    /// The row that retracts the result of the request at `p`, in the trace
+    /// of the compensation that retracts it.
+    pub fn retraction_of(p: &SourcePosition, correlation_id: &str, trace_id: &str) -> Self {
         Self {
             source_topic: p.topic.clone(),
             source_partition: p.partition,
@@ -377,6 +393,7 @@ impl ResultRow {
             completed_at_ms: 0,
             deleted: 1,
             version: RETRACTED,
+            trace_id: trace_id.to_string(),
         }
     }
 }

@@ -153,8 +153,8 @@ async fn migrate_by_hand_up_to(db: &TestDb, last: &str) {
     http_post(&db.url, &format!("CREATE DATABASE IF NOT EXISTS {}", db.name)).expect("create the test database");
     let files = std::iter::once(&hartonomous::store::clickhouse::BOOTSTRAP).chain(MIGRATIONS.iter());
     for (name, sql) in files {
+        // On a fresh database every `run-if` guard holds: every step runs.
         for step in hartonomous::store::clickhouse::split_steps(sql) {
-            assert!(step.guard.is_none(), "{name}: files before the rebuild have no guards");
             db.exec(&step.sql).await;
         }
         if name.starts_with("000") {
@@ -233,6 +233,39 @@ async fn a_database_from_before_005_is_rebuilt_keeping_its_rows_and_the_first_ar
     assert_eq!(store.query_scalar_u64("SELECT uniqExactMerge(atoms) FROM atoms_per_source_hour").await.unwrap(), 14);
     // Nothing left behind, and a second migrate is a no-op.
     assert_eq!(store.query_scalar_u64("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name LIKE 'atoms\\_%0%'").await.unwrap(), 0);
+    assert!(store.migrate().await.unwrap().is_empty());
+}
+
+/// 009 on a database migrated to 008 by an older build, interrupted after
+/// its first ALTER: the next migrate finishes it (the guards skip what is
+/// done), old rows read `trace_id = ''`, the recreated views show the
+/// column, and new rows keep their trace id.
+#[tokio::test]
+async fn a_database_from_before_009_gets_trace_ids_and_its_views_show_them() {
+    let db = TestDb::new().await;
+    migrate_by_hand_up_to(&db, "008_inference_compensations.sql").await;
+    db.exec(
+        "INSERT INTO dead_letters (topology, source_topic, source_partition, source_offset, stage, reason, error, attempts, failed_at, failed_at_ms, original_key, original_payload) \
+         VALUES ('a', 't', 0, 1, 's', 'r', 'e', 1, now(), 0, NULL, 'x')",
+    )
+    .await;
+    db.exec("INSERT INTO inference_results (source_topic, source_partition, source_offset, correlation_id, status, deleted, version) VALUES ('t', 0, 1, 'c1', 'COMPLETE', 0, 1)").await;
+    let steps = hartonomous::store::clickhouse::split_steps(MIGRATIONS[8].1);
+    assert!(steps[0].sql.starts_with("ALTER TABLE dead_letters") && steps[0].guard.is_some(), "{steps:#?}");
+    db.exec(&steps[0].sql).await;
+
+    let store = ClickHouseStore::connect(ClickHouseConfig { migrate_on_start: false, ..db.config() }).await.unwrap();
+    assert_eq!(store.migrate().await.unwrap(), applied_after("008_inference_compensations.sql"));
+    for table in ["dead_letters", "inference_results", "model_outputs", "inference_compensations", "inference_results_live", "model_outputs_live"] {
+        let sql = format!("SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = '{table}' AND name = 'trace_id'");
+        assert_eq!(store.query_scalar_u64(&sql).await.unwrap(), 1, "{table} has trace_id");
+    }
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM dead_letters FINAL WHERE trace_id = ''").await.unwrap(), 1);
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM inference_results_live WHERE trace_id = ''").await.unwrap(), 1);
+    let mut traced = dead_letter("t", 0, 2);
+    traced.trace_id = "0af7651916cd43dd8448eb211c80319c".into();
+    store.insert_dead_letters(&[traced]).await.unwrap();
+    assert_eq!(store.query_scalar_u64("SELECT count() FROM dead_letters FINAL WHERE trace_id = '0af7651916cd43dd8448eb211c80319c'").await.unwrap(), 1);
     assert!(store.migrate().await.unwrap().is_empty());
 }
 

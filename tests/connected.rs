@@ -207,7 +207,11 @@ impl Setup {
                     }
                     Input::Malformed(key, payload) => (key.as_bytes().to_vec(), payload.clone()),
                 };
-                OutgoingRecord { topic: self.topic.clone(), key: Some(key), payload, headers: Headers::new(), ..Default::default() }
+                // Every record carries a W3C trace context, as traffic from
+                // instrumented producers does; its trace id follows from the key.
+                let mut headers = Headers::new();
+                headers.insert("traceparent", format!("00-{}-00f067aa0ba902b7-01", trace_of(&key)).into_bytes());
+                OutgoingRecord { topic: self.topic.clone(), key: Some(key), payload, headers, ..Default::default() }
             })
             .collect()
     }
@@ -383,6 +387,11 @@ impl std::ops::DerefMut for Proc {
 /// A failed scenario keeps its processes' whole logs (the panic message
 /// shows only a tail) under `$CARGO_TARGET_DIR/failed-test-logs/<topic>/`,
 /// outside the temporary directory that goes with the test.
+/// The trace id the test's producer gives the record with `key`.
+fn trace_of(key: &[u8]) -> String {
+    hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(key)[..16])
+}
+
 impl Drop for Setup {
     fn drop(&mut self) {
         if !std::thread::panicking() {
@@ -1326,6 +1335,17 @@ async fn metrics_show_a_backlog_drain_to_zero_lag_with_every_record_counted() {
     let (code, dead) = status_of("ops-bad-0").await;
     assert_eq!((code, dead["state"].as_str()), (200, Some("dead_lettered")), "{dead}");
     assert!(dead["dead_letters"][0]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{dead}");
+    // Every row carries its input's trace id (crate::trace).
+    for v in [&first, &second, &dead] {
+        let id = v["correlation_id"].as_str().unwrap();
+        let rows = v["arrivals"].as_array().unwrap().iter().chain(v["dead_letters"].as_array().unwrap());
+        for row in rows {
+            assert_eq!(row["trace_id"].as_str(), Some(trace_of(id.as_bytes()).as_str()), "{v}");
+        }
+    }
+    for table in ["atom_arrivals", "atoms", "dead_letters"] {
+        assert_eq!(s.scalar(&format!("SELECT count() FROM {table} FINAL WHERE length(trace_id) != 32")).await, 0, "{table}: a row without its trace id");
+    }
     let (code, unknown) = status_of("nobody%20sent%20this").await;
     assert_eq!((code, unknown["state"].as_str(), unknown["correlation_id"].as_str()), (404, Some("unknown"), Some("nobody sent this")), "{unknown}");
     let status = terminate(&mut child);

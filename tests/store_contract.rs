@@ -460,7 +460,7 @@ mod embedded_harness {
         async fn dead_letter(&self, topic: &str, partition: i32, offset: i64) -> DeadLetterRow {
             let sql = format!(
                 "SELECT topology, source_topic, source_partition, source_offset, stage, reason, error, attempts, \
-                 failed_at, original_key, original_payload FROM dead_letters \
+                 failed_at, original_key, original_payload, trace_id FROM dead_letters \
                  WHERE source_topic = '{topic}' AND source_partition = {partition} AND source_offset = {offset}"
             );
             let mut found = Vec::new();
@@ -480,6 +480,7 @@ mod embedded_harness {
                         failed_at_ms: b.column(8).as_primitive::<TimestampMillisecondType>().value(i),
                         original_key: (!keys.is_null(i)).then(|| keys.value(i).to_vec()),
                         original_payload: b.column(10).as_binary::<i32>().value(i).to_vec(),
+                        trace_id: text(11, i),
                     });
                 }
             }
@@ -545,6 +546,7 @@ mod clickhouse_harness {
         failed_at_ms: i64,
         original_key: Option<Vec<u8>>,
         original_payload: Vec<u8>,
+        trace_id: String,
     }
 
     impl ClickHouseHarness {
@@ -671,6 +673,7 @@ mod clickhouse_harness {
                 failed_at_ms: row.failed_at_ms,
                 original_key: row.original_key,
                 original_payload: row.original_payload,
+                trace_id: row.trace_id,
             }
         }
     }

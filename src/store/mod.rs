@@ -25,7 +25,8 @@ use crate::inference::{CompensationRow, OutputRow, Recalled, ResultRow, Retracte
 /// When a call returns `Ok` its rows are durable.
 ///
 /// - `retract` writes the retraction of the result and of the outputs of
-///   `models` for the request at `position`, and says how many of those were
+///   `models` for the request at `position` (its rows carry `trace_id`, the
+///   compensation's trace), and says how many of those were
 ///   live before (so a repeated retraction reports what the first one did
 ///   only if nothing was retracted in between: callers keep the first
 ///   report, see `inference_compensations`).
@@ -35,7 +36,7 @@ use crate::inference::{CompensationRow, OutputRow, Recalled, ResultRow, Retracte
 pub trait InferenceStore: Send + Sync + 'static {
     fn insert_outputs<'a>(&'a self, rows: &'a [OutputRow]) -> BoxFuture<'a, Result<(), StoreError>>;
     fn insert_results<'a>(&'a self, rows: &'a [ResultRow]) -> BoxFuture<'a, Result<(), StoreError>>;
-    fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String]) -> BoxFuture<'a, Result<Retracted, StoreError>>;
+    fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String], trace_id: &'a str) -> BoxFuture<'a, Result<Retracted, StoreError>>;
     fn compensations<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, CompensationRow>, StoreError>>;
     fn record_compensations<'a>(&'a self, rows: &'a [CompensationRow]) -> BoxFuture<'a, Result<(), StoreError>>;
     fn recall<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, Recalled>, StoreError>>;

@@ -29,6 +29,9 @@ pub struct ArrivalStatus {
     pub content_hash: String,
     pub source_system: String,
     pub arrived_at_ms: i64,
+    /// The W3C trace id of the record's `traceparent`, or empty (crate::trace).
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 /// A record that went to the dead-letter topic (`dead_letters`).
@@ -42,6 +45,9 @@ pub struct DeadLetterStatus {
     pub reason: String,
     pub error: String,
     pub failed_at_ms: i64,
+    /// The W3C trace id of the record's `traceparent`, or empty (crate::trace).
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 /// The live result of an inference request (`inference_results_live`).
@@ -56,6 +62,9 @@ pub struct ResultStatus {
     pub score: f64,
     pub models_counted: u32,
     pub completed_at_ms: u64,
+    /// The W3C trace id of the record's `traceparent`, or empty (crate::trace).
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 /// The compensation of an inference request (`inference_compensations`,
@@ -71,6 +80,9 @@ pub struct CompensationStatus {
     pub reason_code: String,
     pub reason: String,
     pub failed_at_ms: u64,
+    /// The W3C trace id of the record's `traceparent`, or empty (crate::trace).
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 /// Everything the store holds for one correlation id.
@@ -144,6 +156,7 @@ mod tests {
             content_hash: "h".into(),
             source_system: "s".into(),
             arrived_at_ms: 1,
+            trace_id: String::new(),
         }
     }
 
@@ -163,6 +176,7 @@ mod tests {
             reason: "bad".into(),
             error: "e".into(),
             failed_at_ms: 1,
+            trace_id: String::new(),
         };
         assert_eq!(RequestStatus::new("c", vec![], vec![dl], vec![], vec![]).state, "dead_lettered");
         let sorted = RequestStatus::new("c", vec![arrival("matched", 2), arrival("created", 1)], vec![], vec![], vec![]);

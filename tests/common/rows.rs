@@ -44,6 +44,7 @@ pub fn dead_letter(topic: &str, partition: i32, offset: i64) -> DeadLetterRow {
         // Even offsets have a key, odd ones none (which is not an empty key).
         original_key: if offset % 2 == 0 { Some(vec![1, 2, 3]) } else { None },
         original_payload: vec![0xde, 0xad, offset as u8, 0x00, 0xff],
+        trace_id: if offset % 2 == 0 { format!("{offset:032x}") } else { String::new() },
     }
 }
 

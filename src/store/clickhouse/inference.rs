@@ -33,7 +33,7 @@ impl ClickHouseStore {
         Ok(())
     }
 
-    async fn retract_impl(&self, p: &SourcePosition, correlation_id: &str, models: &[String]) -> Result<Retracted, StoreError> {
+    async fn retract_impl(&self, p: &SourcePosition, correlation_id: &str, models: &[String], trace_id: &str) -> Result<Retracted, StoreError> {
         let live_outputs: Vec<String> = self
             .timed(
                 &format!("look up the outputs of {p} in {}", self.table("model_outputs")),
@@ -61,9 +61,9 @@ impl ClickHouseStore {
         let mut names: Vec<&str> = models.iter().map(String::as_str).chain(live_outputs.iter().map(String::as_str)).collect();
         names.sort_unstable();
         names.dedup();
-        let outputs: Vec<OutputRow> = names.iter().map(|m| OutputRow::retraction_of(p, correlation_id, m)).collect();
+        let outputs: Vec<OutputRow> = names.iter().map(|m| OutputRow::retraction_of(p, correlation_id, m, trace_id)).collect();
         self.insert_rows("model_outputs", &outputs).await?;
-        self.insert_rows("inference_results", &[ResultRow::retraction_of(p, correlation_id)]).await?;
+        self.insert_rows("inference_results", &[ResultRow::retraction_of(p, correlation_id, trace_id)]).await?;
         Ok(Retracted { outputs: live_outputs.len(), result: live_result > 0 })
     }
 
@@ -128,8 +128,8 @@ impl InferenceStore for ClickHouseStore {
         Box::pin(self.insert_rows("inference_results", rows))
     }
 
-    fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String]) -> BoxFuture<'a, Result<Retracted, StoreError>> {
-        Box::pin(self.retract_impl(position, correlation_id, models))
+    fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String], trace_id: &'a str) -> BoxFuture<'a, Result<Retracted, StoreError>> {
+        Box::pin(self.retract_impl(position, correlation_id, models, trace_id))
     }
 
     fn compensations<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, CompensationRow>, StoreError>> {

@@ -57,6 +57,7 @@ struct DeadLetterInsert<'a> {
     failed_at_ms: i64,
     original_key: Option<RawBytes<'a>>,
     original_payload: RawBytes<'a>,
+    trace_id: &'a str,
 }
 
 #[derive(Row, Serialize)]
@@ -139,6 +140,7 @@ fn dead_letter_wire_size(row: &DeadLetterRow) -> usize {
         row.error.len(),
         row.original_key.as_ref().map_or(0, Vec::len),
         row.original_payload.len(),
+        row.trace_id.len(),
     ];
     let fixed = 4 + 8 + 4 + 4 + 8 + 1; // partition, offset, attempts, failed_at(+ms), null flag
     strings.iter().map(|n| n + LEN_PREFIX).sum::<usize>() + fixed
@@ -410,6 +412,7 @@ impl ClickHouseStore {
                             failed_at_ms: row.failed_at_ms,
                             original_key: row.original_key.as_deref().map(RawBytes),
                             original_payload: RawBytes(&row.original_payload),
+                            trace_id: &row.trace_id,
                         })
                         .await?;
                 }
@@ -497,6 +500,7 @@ mod tests {
             failed_at_ms: 0,
             original_key: None,
             original_payload: vec![],
+            trace_id: String::new(),
         };
         let rows = [dl(5), dl(6)];
         let token = dead_letters_dedup_token(&rows.iter().collect::<Vec<_>>());

@@ -32,6 +32,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     ("006_inference_results.sql", include_str!("../../../schemas/clickhouse/006_inference_results.sql")),
     ("007_model_outputs.sql", include_str!("../../../schemas/clickhouse/007_model_outputs.sql")),
     ("008_inference_compensations.sql", include_str!("../../../schemas/clickhouse/008_inference_compensations.sql")),
+    ("009_trace_ids.sql", include_str!("../../../schemas/clickhouse/009_trace_ids.sql")),
 ];
 
 /// A schema-file comment that guards the statement after it:
@@ -101,6 +102,8 @@ pub const DEAD_LETTERS_COLUMNS: &[(&str, &str)] = &[
     ("failed_at_ms", "Int64"),
     ("original_key", "Nullable(String)"),
     ("original_payload", "String"),
+    // Added by 009_trace_ids.sql.
+    ("trace_id", "String"),
 ];
 
 /// The migration lock table (see `ClickHouseStore::lock_migrations`).
@@ -534,7 +537,9 @@ mod tests {
             for word in ["DateTime64", "LowCardinality", "Map(", "Bool", "CODEC", "TTL", "SETTINGS", "{db}"] {
                 assert!(!code.contains(word), "{name} uses {word}");
             }
-            assert!(code.contains("IF NOT EXISTS"), "{name} is not idempotent");
+            // Idempotent: IF NOT EXISTS, or every ALTER guarded by `run-if`.
+            let alters_guarded = split_steps(sql).iter().filter(|s| s.sql.starts_with("ALTER")).all(|s| s.guard.is_some());
+            assert!(code.contains("IF NOT EXISTS") && alters_guarded, "{name} is not idempotent");
             assert!(sql.trim_start().starts_with("--"), "{name} must explain what it avoids");
         }
         let arrivals = MIGRATIONS[3].1;
@@ -557,7 +562,8 @@ mod tests {
         }
         let dead_letters = MIGRATIONS[1].1;
         for (column, ty) in DEAD_LETTERS_COLUMNS {
-            assert!(dead_letters.contains(&format!("    {column} {ty}")), "002 lacks {column} {ty}");
+            let added = MIGRATIONS[8].1.contains(&format!("ALTER TABLE dead_letters ADD COLUMN {column} {ty} "));
+            assert!(dead_letters.contains(&format!("    {column} {ty}")) || added, "neither 002 nor 009 has {column} {ty}");
         }
     }
 

@@ -9,12 +9,12 @@ use crate::store::StoreError;
 use crate::store::status::{ArrivalStatus, CompensationStatus, DeadLetterStatus, RequestLookup, RequestStatus, ResultStatus};
 
 const ARRIVALS: &str = "SELECT source_topic, source_partition, source_offset, toString(outcome) AS outcome, content_hash, source_system, \
-     toInt64(arrived_at_ms) AS arrived_at_ms FROM atom_arrivals FINAL WHERE correlation_id = ?";
-const DEAD_LETTERS: &str = "SELECT topology, source_topic, source_partition, source_offset, stage, reason, error, failed_at_ms \
+     toInt64(arrived_at_ms) AS arrived_at_ms, trace_id FROM atom_arrivals FINAL WHERE correlation_id = ?";
+const DEAD_LETTERS: &str = "SELECT topology, source_topic, source_partition, source_offset, stage, reason, error, failed_at_ms, trace_id \
      FROM dead_letters FINAL WHERE original_key = ?";
-const RESULTS: &str = "SELECT source_topic, source_partition, source_offset, status, aggregation, label, score, models_counted, completed_at_ms \
+const RESULTS: &str = "SELECT source_topic, source_partition, source_offset, status, aggregation, label, score, models_counted, completed_at_ms, trace_id \
      FROM inference_results_live WHERE correlation_id = ?";
-const COMPENSATIONS: &str = "SELECT source_topic, source_partition, source_offset, step, failed_step, reason_code, reason, failed_at_ms \
+const COMPENSATIONS: &str = "SELECT source_topic, source_partition, source_offset, step, failed_step, reason_code, reason, failed_at_ms, trace_id \
      FROM inference_compensations FINAL WHERE correlation_id = ?";
 
 impl ClickHouseStore {

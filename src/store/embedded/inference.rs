@@ -33,8 +33,13 @@ pub const RESULTS_TABLE: &str = "inference_results";
 pub const OUTPUTS_TABLE: &str = "model_outputs";
 pub const COMPENSATIONS_TABLE: &str = "inference_compensations";
 
+/// The columns, none nullable, then `trace_id` (crate::trace), nullable:
+/// parts written before it existed read as null (009_trace_ids.sql adds it
+/// on ClickHouse).
 fn schema(columns: &[(&str, DataType)]) -> SchemaRef {
-    Arc::new(Schema::new(columns.iter().map(|(n, t)| Field::new(*n, t.clone(), false)).collect::<Vec<_>>()))
+    let mut fields: Vec<Field> = columns.iter().map(|(n, t)| Field::new(*n, t.clone(), false)).collect();
+    fields.push(Field::new("trace_id", DataType::Utf8, true));
+    Arc::new(Schema::new(fields))
 }
 
 /// Columns of `inference_results` (see `ResultRow`).
@@ -271,7 +276,7 @@ impl InferenceTables {
             .await
     }
 
-    pub(super) async fn retract(&self, p: &SourcePosition, correlation_id: &str, models: &[String]) -> Result<Retracted, StoreError> {
+    pub(super) async fn retract(&self, p: &SourcePosition, correlation_id: &str, models: &[String], trace_id: &str) -> Result<Retracted, StoreError> {
         let key = pos(p);
         let (live_outputs, live_result, mut names) = {
             let v = read_lock(&self.versions);
@@ -283,9 +288,9 @@ impl InferenceTables {
         names.extend(models.iter().cloned());
         names.sort_unstable();
         names.dedup();
-        let outputs: Vec<OutputRow> = names.iter().map(|m| OutputRow::retraction_of(p, correlation_id, m)).collect();
+        let outputs: Vec<OutputRow> = names.iter().map(|m| OutputRow::retraction_of(p, correlation_id, m, trace_id)).collect();
         self.insert_outputs(&outputs).await?;
-        self.insert_results(&[ResultRow::retraction_of(p, correlation_id)]).await?;
+        self.insert_results(&[ResultRow::retraction_of(p, correlation_id, trace_id)]).await?;
         Ok(Retracted { outputs: live_outputs, result: live_result })
     }
 

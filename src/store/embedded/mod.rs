@@ -258,6 +258,53 @@ mod tests {
         }
     }
 
+    /// Parts written before `trace_id` existed (rewritten here without the
+    /// column, as an older version wrote them) still open, query with a null
+    /// trace id, and take new rows that have one.
+    #[tokio::test]
+    async fn parts_written_before_trace_id_existed_still_open_and_read_as_null() {
+        use crate::inference::{LIVE, ResultRow};
+        use crate::store::RequestLookup;
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let dir = tempfile::tempdir().unwrap();
+        let p = SourcePosition::new("inference.requests", 0, 7);
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            store.insert_dead_letters(&[dead_letter("t", 0, 1)]).await.unwrap();
+            let live = ResultRow { deleted: 0, version: LIVE, status: "COMPLETE".into(), ..ResultRow::retraction_of(&p, "c1", "") };
+            InferenceStore::insert_results(&store, &[live]).await.unwrap();
+        }
+        for table in [DEAD_LETTERS_TABLE, RESULTS_TABLE] {
+            for entry in fs::read_dir(dir.path().join("tables").join(table)).unwrap() {
+                let path = entry.unwrap().path();
+                let reader = ParquetRecordBatchReaderBuilder::try_new(fs::File::open(&path).unwrap()).unwrap().build().unwrap();
+                let batches: Vec<RecordBatch> = reader
+                    .map(|b| {
+                        let mut b = b.unwrap();
+                        b.remove_column(b.schema().index_of("trace_id").unwrap());
+                        b
+                    })
+                    .collect();
+                let schema = batches[0].schema();
+                fs::remove_file(&path).unwrap();
+                write_parquet_file(&path, &schema, &batches).unwrap();
+            }
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let counts = |sql: &'static str| {
+            let store = &store;
+            async move {
+                let b = store.query(sql).await.unwrap();
+                (b[0].column(0).as_primitive::<Int64Type>().value(0), b[0].column(1).as_primitive::<Int64Type>().value(0))
+            }
+        };
+        assert_eq!(counts("SELECT count(*), count(trace_id) FROM dead_letters").await, (1, 0));
+        assert_eq!(counts("SELECT count(*), count(trace_id) FROM inference_results_live").await, (1, 0));
+        assert_eq!(store.request_status("c1").await.unwrap().state, "completed");
+        store.insert_dead_letters(&[DeadLetterRow { trace_id: "f".repeat(32), ..dead_letter("t", 0, 2) }]).await.unwrap();
+        assert_eq!(counts("SELECT count(*), count(trace_id) FROM dead_letters").await, (2, 1));
+    }
+
     fn three_atoms() -> Vec<AtomRow> {
         vec![atom("alpha", 1), atom("beta", 2), atom("gamma", 3)]
     }
@@ -275,6 +322,7 @@ mod tests {
             failed_at_ms: 1_700_000_002_000 + offset,
             original_key: if offset % 2 == 0 { Some(vec![1, 2, 3]) } else { None },
             original_payload: vec![0xde, 0xad, offset as u8],
+            trace_id: String::new(),
         }
     }
 
@@ -545,8 +593,8 @@ impl InferenceStore for EmbeddedStore {
         Box::pin(self.inference.insert_results(rows))
     }
 
-    fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String]) -> BoxFuture<'a, Result<Retracted, StoreError>> {
-        Box::pin(self.inference.retract(position, correlation_id, models))
+    fn retract<'a>(&'a self, position: &'a SourcePosition, correlation_id: &'a str, models: &'a [String], trace_id: &'a str) -> BoxFuture<'a, Result<Retracted, StoreError>> {
+        Box::pin(self.inference.retract(position, correlation_id, models, trace_id))
     }
 
     fn compensations<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, CompensationRow>, StoreError>> {

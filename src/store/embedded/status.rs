@@ -12,13 +12,13 @@ use crate::store::StoreError;
 use crate::store::status::{RequestLookup, RequestStatus};
 
 const ARRIVALS: &str = "SELECT source_topic, source_partition, source_offset, outcome, content_hash, source_system, \
-     CAST(arrived_at AS BIGINT) AS arrived_at_ms FROM atom_arrivals WHERE correlation_id = $1";
+     CAST(arrived_at AS BIGINT) AS arrived_at_ms, trace_id FROM atom_arrivals WHERE correlation_id = $1";
 const DEAD_LETTERS: &str = "SELECT topology, source_topic, source_partition, source_offset, stage, reason, error, \
-     CAST(failed_at AS BIGINT) AS failed_at_ms FROM dead_letters WHERE original_key = $1";
-const RESULTS: &str = "SELECT source_topic, source_partition, source_offset, status, aggregation, label, score, models_counted, completed_at_ms \
+     CAST(failed_at AS BIGINT) AS failed_at_ms, trace_id FROM dead_letters WHERE original_key = $1";
+const RESULTS: &str = "SELECT source_topic, source_partition, source_offset, status, aggregation, label, score, models_counted, completed_at_ms, trace_id \
      FROM inference_results_live WHERE correlation_id = $1";
 /// The furthest step per request, as `FINAL` keeps the highest version on ClickHouse.
-const COMPENSATIONS: &str = "SELECT source_topic, source_partition, source_offset, step, failed_step, reason_code, reason, failed_at_ms FROM \
+const COMPENSATIONS: &str = "SELECT source_topic, source_partition, source_offset, step, failed_step, reason_code, reason, failed_at_ms, trace_id FROM \
      (SELECT *, row_number() OVER (PARTITION BY source_topic, source_partition, source_offset ORDER BY version DESC) AS hartonomous_rank \
       FROM inference_compensations WHERE correlation_id = $1) WHERE hartonomous_rank = 1";
 

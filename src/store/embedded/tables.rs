@@ -83,7 +83,7 @@ pub fn atoms_schema() -> SchemaRef {
 
 /// Columns of the `dead_letters` table, one row per dead-lettered record,
 /// keyed by (`source_topic`, `source_partition`, `source_offset`). Only
-/// `original_key` is nullable.
+/// `original_key` and `trace_id` are nullable.
 ///
 /// | column | type | from [`DeadLetterRow`] |
 /// | --- | --- | --- |
@@ -98,6 +98,7 @@ pub fn atoms_schema() -> SchemaRef {
 /// | `failed_at` | Timestamp(ms, "UTC") | `failed_at_ms` |
 /// | `original_key` | Binary, nullable | `original_key` |
 /// | `original_payload` | Binary | `original_payload` |
+/// | `trace_id` | Utf8, nullable | `trace_id` (null in parts written before it existed) |
 pub fn dead_letters_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("topology", DataType::Utf8, false),
@@ -111,6 +112,8 @@ pub fn dead_letters_schema() -> SchemaRef {
         Field::new("failed_at", timestamp_ms_utc(), false),
         Field::new("original_key", DataType::Binary, true),
         Field::new("original_payload", DataType::Binary, false),
+        // Nullable: parts written before the column existed read as null.
+        Field::new("trace_id", DataType::Utf8, true),
     ]))
 }
 
@@ -200,6 +203,7 @@ pub(super) fn dead_letter_bytes(row: &DeadLetterRow) -> usize {
         + row.error.len()
         + row.original_key.as_ref().map_or(0, Vec::len)
         + row.original_payload.len()
+        + row.trace_id.len()
 }
 
 fn strings<'r, T: 'r>(rows: &[&'r T], f: impl Fn(&'r T) -> &'r str) -> ArrayRef {
@@ -282,6 +286,7 @@ pub(super) fn dead_letters_batch(rows: &[&DeadLetterRow]) -> Result<RecordBatch,
         timestamps(rows, |r| r.failed_at_ms),
         Arc::new(BinaryArray::from_iter(rows.iter().map(|r| r.original_key.as_deref()))),
         Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| r.original_payload.as_slice()))),
+        strings(rows, |r| &r.trace_id),
     ];
     RecordBatch::try_new(dead_letters_schema(), columns).map_err(|e| arrow_error("build dead_letters batch", e))
 }

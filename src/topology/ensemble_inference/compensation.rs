@@ -192,13 +192,14 @@ pub struct Compensating {
 }
 
 /// Step 1 of `event`: what its retraction undid, from the event alone (so a
-/// retraction repeated after a crash reports the same), and when.
-fn retracted(event: &InferenceCompensation, at_ms: i64) -> CompensationRow {
+/// retraction repeated after a crash reports the same), and when, in the
+/// trace `trace_id` (the compensation record's).
+fn retracted(event: &InferenceCompensation, at_ms: i64, trace_id: &str) -> CompensationRow {
     CompensationRow {
         retracted_outputs: if event.done_steps.iter().any(|s| s == "persist_outputs") { event.models.len() as u32 } else { 0 },
         retracted_result: event.done_steps.iter().any(|s| s == "persist_result") as u8,
         updated_at_ms: at_ms.max(0) as u64,
-        ..CompensationRow::of(event, CompensationStep::Retracted)
+        ..CompensationRow::of(event, CompensationStep::Retracted, trace_id)
     }
 }
 
@@ -229,17 +230,18 @@ impl Stage for Retract {
         let mut fresh = Vec::new();
         let mut out = Vec::with_capacity(items.len());
         for item in items {
+            let trace = crate::trace::trace_id(item.record.headers.get_str("traceparent"));
             let e = item.value;
             // Step 0 is ensemble-inference's own record: still to retract.
             let state = match known.get(&e.position()).filter(|s| s.step() != Some(CompensationStep::Requested)) {
                 Some(s) => s.clone(),
                 None => {
                     let p = e.position();
-                    let r = stored(&self.resilient, "retract", || store.retract(&p, &e.correlation_id, &e.models)).await?;
+                    let r = stored(&self.resilient, "retract", || store.retract(&p, &e.correlation_id, &e.models, &trace)).await?;
                     self.metrics.count(RETRACTED, 1);
                     self.metrics.count(OUTPUT_ROWS_RETRACTED, r.outputs as u64);
                     self.metrics.count(RESULT_ROWS_RETRACTED, r.result as u64);
-                    let s = retracted(&e, now);
+                    let s = retracted(&e, now, &trace);
                     fresh.push(s.clone());
                     // The same event twice in one window is retracted once.
                     known.insert(p, s.clone());
@@ -456,7 +458,7 @@ mod tests {
         let mut announce = Announce { emitter, store: store.clone(), scan: Arc::new(log.clone()), decoder: Decoder::new(registry, announced), resilient: resilient(), metrics: metrics.clone() };
 
         let (once, twice) = (event("r1", 7), event("r2", 8));
-        let stale = |e: &InferenceCompensation| retracted(e, 1_000);
+        let stale = |e: &InferenceCompensation| retracted(e, 1_000, "");
         // Window 1 announces both; window 2 carries r1 again with the state
         // retract read before window 1 was announced, and r2 at step 2 as a
         // crash would have left it.

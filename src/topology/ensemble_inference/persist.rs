@@ -82,13 +82,19 @@ pub fn compensation(invoked: &Invoked, source: &Record, f: &Failure, now_ms: i64
     }
 }
 
-/// Records step 0 of `events` (see `inference_compensations`): from then
-/// on a redelivery of their requests is answered with the same event.
-pub async fn request_compensations(store: &Arc<dyn InferenceStore>, resilient: &Resilient, events: &[InferenceCompensation], stage: &str) -> Result<(), Fatal> {
+/// Records step 0 of `events` (see `inference_compensations`), each with
+/// the trace id of its request: from then on a redelivery of their requests
+/// is answered with the same event.
+pub async fn request_compensations(
+    store: &Arc<dyn InferenceStore>,
+    resilient: &Resilient,
+    events: &[(InferenceCompensation, String)],
+    stage: &str,
+) -> Result<(), Fatal> {
     if events.is_empty() {
         return Ok(());
     }
-    let rows: Vec<CompensationRow> = events.iter().map(|e| CompensationRow::of(e, CompensationStep::Requested)).collect();
+    let rows: Vec<CompensationRow> = events.iter().map(|(e, trace)| CompensationRow::of(e, CompensationStep::Requested, trace)).collect();
     resilient.call(|| store.record_compensations(&rows)).await.map_err(|e| Fatal::new(stage, format!("recording compensations: {e}")))
 }
 
@@ -117,6 +123,7 @@ fn output_row(item: &Item<Invoked>, o: &crate::inference::ModelOutput) -> Output
         answered_at_ms: o.answered_at_ms.max(0) as u64,
         deleted: 0,
         version: LIVE,
+        trace_id: crate::trace::trace_id(item.record.headers.get_str("traceparent")),
     }
 }
 
@@ -148,6 +155,7 @@ fn result_row(item: &Item<Invoked>) -> Option<ResultRow> {
         completed_at_ms: v.decided_at_ms.max(0) as u64,
         deleted: 0,
         version: LIVE,
+        trace_id: crate::trace::trace_id(item.record.headers.get_str("traceparent")),
     })
 }
 
@@ -228,7 +236,11 @@ impl Stage for Persist {
             };
             outcomes.push(outcome.map_err(|f| compensation(&item.value, &item.record, &f, now)));
         }
-        let events: Vec<InferenceCompensation> = outcomes.iter().filter_map(|o| o.as_ref().err().cloned()).collect();
+        let events: Vec<(InferenceCompensation, String)> = items
+            .iter()
+            .zip(&outcomes)
+            .filter_map(|(item, o)| o.as_ref().err().map(|e| (e.clone(), crate::trace::trace_id(item.record.headers.get_str("traceparent")))))
+            .collect();
         request_compensations(&self.store, &self.resilient, &events, "persist").await?;
         let mut out = Vec::with_capacity(items.len());
         for (item, outcome) in items.into_iter().zip(outcomes) {

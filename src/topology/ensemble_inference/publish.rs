@@ -121,7 +121,8 @@ impl Publish {
                     done: vec!["reserve", "invoke", "persist_outputs", "persist_result"],
                 };
                 let event = compensation(&item.value.invoked, &item.record, &failure, self.clock.now_ms());
-                request_compensations(&self.store, &self.resilient, std::slice::from_ref(&event), "publish").await?;
+                let trace = crate::trace::trace_id(item.record.headers.get_str("traceparent"));
+                request_compensations(&self.store, &self.resilient, &[(event.clone(), trace)], "publish").await?;
                 self.answers.compensation(&event, &item.record).await
             }
         }
