@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use hartonomous::model::http::{HttpModel, HttpModelConfig, Protocol};
 use hartonomous::model::{Model, ModelError, Prediction};
 
+mod common;
+
 /// A model server that answers every request with `status` and `body`, and
 /// records each request's path and body.
 struct Server {
@@ -155,4 +157,76 @@ async fn a_call_carries_the_requests_trace_context() {
     assert_eq!(child.trace_id(), "0af7651916cd43dd8448eb211c80319c");
     assert_ne!(sent[0].as_deref(), Some(tp), "a new span id");
     assert_eq!(sent[1], None);
+}
+
+/// Through the ensemble-inference topology on the embedded default, with a
+/// model server over HTTP: a request's trace id reaches the call the server
+/// receives (a child span), its result and model-output rows, and the
+/// headers of its published result and partial result. A request without a
+/// `traceparent` starts no trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inference_requests_trace_id_reaches_the_model_server_its_rows_and_its_events() {
+    use arrow::array::{Array, StringArray};
+    let server = Server::start(200, r#"{"prediction":{"label":"ok","confidence":0.8}}"#);
+    let dir = tempfile::tempdir().unwrap();
+    let (app, _) = common::app(dir.path());
+    let bundled = hartonomous::topology::TOPOLOGIES.iter().find(|t| t.name() == "ensemble-inference").unwrap().declaration();
+    let remote = format!(
+        "[[stage.model]]\nkind = \"http\"\nid = \"remote\"\nbase_url = \"{}/classify\"\nprotocol = {{ kind = \"json\", label_pointer = \"/prediction/label\", score_pointer = \"/prediction/confidence\" }}\n\n[stage.call_defaults]",
+        server.url
+    );
+    let text = bundled.replacen("[stage.call_defaults]", &remote, 1);
+    let spec = hartonomous::topology::spec::TopologySpec::parse(std::path::Path::new("test"), &text).unwrap();
+    let trace = |i: usize| format!("{:032x}", 0x7ace00 + i);
+    let traced = |i: usize| i != 2;
+    let records: Vec<_> = (0..4)
+        .map(|i| {
+            let v = serde_json::json!({"request_id": format!("r-{i}"), "input": format!("text {i}"), "model_ids": ["remote"], "aggregation": "FIRST_SUCCESS", "correlation_id": format!("inf-{i}")});
+            let mut r = common::json_record(&spec.source.topic, &v);
+            if traced(i) {
+                r.headers.insert("traceparent", format!("00-{}-{:016x}-01", trace(i), 0x99 + i).into_bytes());
+            }
+            r
+        })
+        .collect();
+    let summaries = app.run_chain_to_end(&spec, records).await.unwrap();
+    let rendered: Vec<String> = summaries.iter().map(|s| s.render()).collect();
+    let dead = app.log.records(&spec.dead_letter.topic);
+    assert!(dead.is_empty(), "dead letters: {:?}\n{}", dead.iter().map(|r| format!("{:?} {:?}", r.headers.get_str(hartonomous::dead_letter::H_REASON), r.headers.get_str(hartonomous::dead_letter::H_ERROR))).collect::<Vec<_>>(), rendered.join("\n"));
+    let expected: Vec<(String, String)> = (0..4).map(|i| (format!("inf-{i}"), if traced(i) { trace(i) } else { String::new() })).collect();
+
+    // The model server: one call per request (inputs differ, nothing coalesces).
+    let calls: Vec<String> = server.seen().iter().map(|(_, body)| body["input"].as_str().unwrap_or_default().to_string()).collect();
+    let mut sent: Vec<(String, String)> = calls
+        .iter()
+        .zip(server.traceparents.lock().unwrap().iter())
+        .map(|(input, tp)| (format!("inf-{}", input.trim_start_matches("text ")), hartonomous::trace::trace_id(tp.as_deref())))
+        .collect();
+    sent.sort();
+    assert_eq!(sent, expected, "inputs seen: {calls:?}");
+
+    // The rows.
+    for sql in [
+        "SELECT correlation_id, trace_id FROM inference_results_live ORDER BY correlation_id",
+        "SELECT correlation_id, trace_id FROM model_outputs_live ORDER BY correlation_id",
+    ] {
+        let mut rows = Vec::new();
+        for b in app.store.query(sql).await.unwrap() {
+            let col = |c: usize| b.column(c).as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let (ids, traces) = (col(0), col(1));
+            rows.extend((0..b.num_rows()).map(|i| (ids.value(i).to_string(), traces.value(i).to_string())));
+        }
+        assert_eq!(rows, expected, "{sql}");
+    }
+
+    // The events: every result and partial result carries its request's trace.
+    for topic in ["inference.results", "inference.partial"] {
+        let events = app.log.records(topic);
+        assert_eq!(events.len(), 4, "{topic}");
+        let mut seen: Vec<String> = events.iter().map(|e| hartonomous::trace::trace_id(e.headers.get_str("traceparent"))).collect();
+        seen.sort();
+        let mut want: Vec<String> = expected.iter().map(|(_, t)| t.clone()).collect();
+        want.sort();
+        assert_eq!(seen, want, "{topic}");
+    }
 }
