@@ -14,6 +14,7 @@ pub mod trace;
 pub mod telemetry;
 pub mod avro;
 pub mod dead_letter;
+pub mod dlq;
 pub mod failpoint;
 pub mod flow;
 pub mod log;

@@ -117,10 +117,49 @@ enum Command {
     /// profile's registry file (a no-op when present) and list them with their ids,
     /// for producers written in other languages.
     Schemas,
+    /// Inspect or redrive a dead-letter topic (Kafka profiles).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Check or draw a topology declaration.
     Topology {
         #[command(subcommand)]
         command: TopologyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// The dead letters of a topic grouped by stage and reason, with their provenance.
+    Inspect {
+        #[arg(long)]
+        topic: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Examples shown per group.
+        #[arg(long, default_value_t = 3)]
+        examples: usize,
+    },
+    /// Copy dead letters (original key, payload and headers) back to their source
+    /// topic and partition, or to --to, adding a redrive count; records redriven
+    /// --max-redrives times already are refused. Resumes where the last redrive
+    /// of --group stopped.
+    Redrive {
+        #[arg(long)]
+        topic: String,
+        /// Only dead letters with this reason (e.g. embed.unavailable).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Copy to this topic instead of each record's source topic.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        max_redrives: u32,
+        /// The consumer group that keeps the redrive's place in the topic.
+        #[arg(long, default_value = "hartonomous-redrive")]
+        group: String,
     },
 }
 
@@ -343,6 +382,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = &mut stop => break,
                     _ = tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))) => {}
+                }
+            }
+        }
+        Command::Dlq { command } => {
+            let profile = Profile::load(cli.connectors.as_deref())?;
+            let LogProfile::Kafka(k) = &profile.log else {
+                anyhow::bail!("`dlq` reads a Kafka dead-letter topic: pass a Kafka profile with --connectors (the embedded log lives only inside one command; its dead letters are in the store's dead_letters table: `hartonomous query`)")
+            };
+            match command {
+                DlqCommand::Inspect { topic, json, examples } => {
+                    let scan = hartonomous::log::kafka::KafkaScanner::new(k);
+                    let report = hartonomous::dlq::inspect_topic(&scan, &topic, examples).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        print!("{}", report.render());
+                    }
+                }
+                DlqCommand::Redrive { topic, reason, to, max_redrives, group } => {
+                    let plan = hartonomous::dlq::RedrivePlan { reason, to, max_redrives };
+                    let report = hartonomous::dlq::redrive_topic(k, &topic, &group, &plan).await?;
+                    println!("{}", report.render(max_redrives));
                 }
             }
         }

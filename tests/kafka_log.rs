@@ -528,3 +528,115 @@ async fn lag_reports_committed_end_and_lag_per_partition() {
     assert_eq!(line(2), "30 30 0");
     assert!(stdout.contains("total lag 25"), "{stdout}");
 }
+
+/// A profile naming only the broker and the embedded defaults, for the CLI.
+fn cli_profile(dir: &std::path::Path) -> std::path::PathBuf {
+    let profile = dir.join("profile.toml");
+    let sections = "[store]\nkind = \"embedded\"\n[registry]\nkind = \"file\"\n[embedder]\nkind = \"hashing\"\ndimension = 8\n";
+    std::fs::write(&profile, format!("[log]\nkind = \"kafka\"\nbootstrap_servers = \"{}\"\n{sections}", bootstrap())).unwrap();
+    profile
+}
+
+fn cli(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hartonomous"))
+        .arg("--connectors")
+        .arg(cli_profile(dir))
+        .args(args)
+        .env("HARTONOMOUS_DATA_DIR", dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{args:?}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// `dlq inspect` groups a real dead-letter topic by stage and reason;
+/// `dlq redrive` copies the chosen dead letters back to their source topic
+/// and partition with their bytes and headers and a redrive count, refuses
+/// one redriven to the limit and a truncated copy, and a second run finds
+/// nothing new (its group committed its place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_inspect_groups_and_redrive_copies_back_once_within_the_limit() {
+    use hartonomous::dead_letter::{DeadLetter, H_TRUNCATED};
+    use hartonomous::dlq::{H_REDRIVE_COUNT, H_REDRIVE_FROM};
+    let config = broker();
+    let source = topic(&config, "redrive-src", 3).await;
+    let dlq = topic(&config, "redrive-dlq", 2).await;
+    let elsewhere = topic(&config, "redrive-to", 1).await;
+    let dead = |reason: &str, partition: i32, offset: i64, extra: &[(&str, &str)]| {
+        let mut headers = Headers::new();
+        headers.insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        for (k, v) in extra {
+            headers.insert(*k, *v);
+        }
+        let record = Record {
+            position: Position { tp: TopicPartition::new(source.as_str(), partition), offset },
+            key: Some(format!("key-{partition}-{offset}").into_bytes()),
+            payload: format!("payload {partition}/{offset}").into_bytes(),
+            headers,
+            event_time_ms: 1,
+        };
+        let stage = if reason.starts_with("embed") { "embed" } else { "validate" };
+        DeadLetter { topology: "atom-ingestion", record: &record, stage, reason, error: "why", attempts: 1, failed_at_ms: 10 }.to_outgoing(&dlq)
+    };
+    let letters = vec![
+        dead("embed.unavailable", 0, 5, &[]),
+        dead("embed.unavailable", 1, 6, &[]),
+        dead("embed.unavailable", 2, 7, &[(H_REDRIVE_COUNT, "1")]),
+        dead("embed.unavailable", 2, 8, &[]),
+        dead("embed.unavailable", 0, 9, &[(H_REDRIVE_COUNT, "3")]),
+        dead("embed.unavailable", 1, 10, &[(H_TRUNCATED, "9000000")]),
+        dead("validate.empty", 0, 11, &[]),
+        dead("validate.empty", 1, 12, &[]),
+    ];
+    let producer = KafkaProducer::new(&config).unwrap();
+    send_all(&producer, &letters).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let inspect: serde_json::Value = serde_json::from_str(&cli(dir.path(), &["dlq", "inspect", "--topic", &dlq, "--json"])).unwrap();
+    assert_eq!(inspect["total"], 8, "{inspect}");
+    let groups: Vec<(String, u64)> = inspect["groups"].as_array().unwrap().iter().map(|g| (g["reason"].as_str().unwrap().to_string(), g["count"].as_u64().unwrap())).collect();
+    assert_eq!(groups, vec![("embed.unavailable".to_string(), 6), ("validate.empty".to_string(), 2)]);
+    assert_eq!(inspect["groups"][0]["examples"][0]["source_topic"], source.as_str(), "{inspect}");
+    assert!(cli(dir.path(), &["dlq", "inspect", "--topic", &dlq]).contains("embed / embed.unavailable"));
+
+    let report = cli(dir.path(), &["dlq", "redrive", "--topic", &dlq, "--reason", "embed.unavailable", "--max-redrives", "3", "--group", "redrive-a"]);
+    assert!(report.contains("read 8 record(s); redriven 4"), "{report}");
+    assert!(report.contains("refused: 1 redriven 3 time(s) already (the limit), 1 truncated"), "{report}");
+    assert!(report.contains("left alone: 2 with another reason"), "{report}");
+
+    // Exactly the four, each in its source partition, bytes and headers intact.
+    let mut reader = KafkaConsumer::new(&config, &unique("redrive-reader"), &[&source]).unwrap();
+    let mut got = Vec::new();
+    poll_until(&mut reader, &mut got, "the redriven records", |g, _| g.len() >= 4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    poll_until(&mut reader, &mut got, "no more", |_, _| true).await;
+    let mut seen: Vec<(i32, String, String, String)> = got
+        .iter()
+        .map(|r| {
+            let payload = String::from_utf8(r.payload.clone()).unwrap();
+            assert_eq!(r.key.as_deref(), Some(format!("key-{}", payload.trim_start_matches("payload ").replace('/', "-")).as_bytes()));
+            assert_eq!(r.headers.get_str("traceparent"), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+            assert!(r.headers.get_str(H_REDRIVE_FROM).is_some_and(|f| f.starts_with(&format!("{dlq}/"))));
+            (r.position.tp.partition, payload, r.headers.get_str(H_REDRIVE_COUNT).unwrap().to_string(), r.headers.get_str(hartonomous::dead_letter::H_REASON).unwrap().to_string())
+        })
+        .collect();
+    seen.sort();
+    let reason = "embed.unavailable".to_string();
+    assert_eq!(
+        seen,
+        vec![
+            (0, "payload 0/5".to_string(), "1".to_string(), reason.clone()),
+            (1, "payload 1/6".to_string(), "1".to_string(), reason.clone()),
+            (2, "payload 2/7".to_string(), "2".to_string(), reason.clone()),
+            (2, "payload 2/8".to_string(), "1".to_string(), reason.clone()),
+        ]
+    );
+    reader.close().await;
+
+    // The same group again: nothing new. Another group, elsewhere: the other reason.
+    let again = cli(dir.path(), &["dlq", "redrive", "--topic", &dlq, "--reason", "embed.unavailable", "--group", "redrive-a"]);
+    assert!(again.contains("read 0 record(s); redriven 0"), "{again}");
+    let other = cli(dir.path(), &["dlq", "redrive", "--topic", &dlq, "--reason", "validate.empty", "--to", &elsewhere, "--group", "redrive-b"]);
+    assert!(other.contains("redriven 2") && other.contains(&format!("2 to {elsewhere}")), "{other}");
+}

@@ -468,7 +468,7 @@ fn now_ms() -> i64 {
 /// absent values kept. Read directly so that a key that is not UTF-8 becomes
 /// lossy text instead of a panic.
 #[allow(unsafe_code)] // rust-rdkafka's safe header API panics on a key that is not UTF-8
-fn read_headers(msg: &BorrowedMessage<'_>) -> Headers {
+pub(super) fn read_headers(msg: &BorrowedMessage<'_>) -> Headers {
     use rdkafka::bindings as rd;
     use rdkafka::types::RDKafkaRespErr;
     let mut out = Headers::new();

@@ -22,6 +22,7 @@ mod config;
 mod consumer;
 mod error;
 mod lag;
+mod offsets;
 mod producer;
 mod scan;
 mod stats;
@@ -36,6 +37,7 @@ pub use config::KafkaConfig;
 pub use consumer::KafkaConsumer;
 pub use error::classify;
 pub use lag::{PartitionLag, group_lag, render as render_lag};
+pub use offsets::{group_commit, group_committed};
 pub use producer::KafkaProducer;
 pub use scan::KafkaScanner;
 

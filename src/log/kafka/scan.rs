@@ -12,7 +12,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use super::error::{classify, with_context};
 use super::{KafkaConfig, LogContext};
 use crate::log::{LogError, LogScan};
-use crate::record::{Headers, Position, Record, TopicPartition};
+use crate::record::{Position, Record, TopicPartition};
 
 /// Bound on one metadata or watermark request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,7 +92,7 @@ impl LogScan for KafkaScanner {
                                 position: Position { tp: tp.clone(), offset: m.offset() },
                                 key: m.key().map(<[u8]>::to_vec),
                                 payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                                headers: Headers::new(),
+                                headers: super::consumer::read_headers(&m),
                                 event_time_ms: m.timestamp().to_millis().unwrap_or(0),
                             });
                         }
