@@ -21,6 +21,9 @@ use super::stage::StageContext;
 use super::window::{Window, WindowConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterArchive};
 use crate::log::{LogConsumer, LogError, LogProducer, PollLimit};
+use crate::ops::events::{
+    CommitFailing, CommitsRecovered, DeadLetterTruncated, DrainTimedOut, Event, FatalStop, NoProgress, PartitionsPaused, PartitionsResumed, ShutdownRequested,
+};
 use crate::outcome::{Classify, ErrorClass, Fatal};
 use crate::record::TopicPartition;
 use crate::resilience::{Attempted, BreakerConfig, Resilient, RetryConfig};
@@ -176,15 +179,11 @@ where
         if !paused && (spent || !pending.is_empty() || !open.is_empty()) {
             paused = true;
             Metrics::add(&metrics.partition_pauses, 1);
-            if open.is_empty() {
-                tracing::debug!(in_flight = recs, bytes, queued_windows = pending.len(), "backpressure: partitions paused");
-            } else {
-                tracing::warn!(breakers = ?open, in_flight = recs, "backpressure: partitions paused while a circuit breaker is open; they resume when it half-opens");
-            }
+            PartitionsPaused { in_flight: recs, bytes, queued_windows: pending.len(), open_breakers: &open }.emit();
         } else if paused && may_resume {
             consumer.resume(&consumer.assignment())?;
             paused = false;
-            tracing::debug!(in_flight = recs, bytes, "backpressure over: partitions resumed");
+            PartitionsResumed { in_flight: recs, bytes }.emit();
         }
         if paused {
             // Cheap when nothing changed: only partitions not paused yet are touched.
@@ -220,7 +219,7 @@ where
         let polled = tokio::select! {
             biased;
             _ = &mut shutdown => {
-                tracing::info!("shutdown requested; draining");
+                ShutdownRequested.emit();
                 break Ok(());
             }
             _ = fatal_rx.changed() => continue,
@@ -279,12 +278,12 @@ where
                 // A failed commit loses nothing: the same offsets (or later ones) go next time.
                 Err(e) if e.class() == ErrorClass::Retry => {
                     if !commit_failing {
-                        tracing::warn!(error = %e, "commit failed; retrying at every interval until the broker takes it");
+                        CommitFailing { error: &e }.emit();
                     }
                     commit_failing = true;
                 }
                 Ok(()) if commit_failing => {
-                    tracing::info!("commits go through again");
+                    CommitsRecovered.emit();
                     commit_failing = false;
                 }
                 other => other?,
@@ -308,7 +307,7 @@ where
     head.take();
     let drained = crate::clock::timeout(clock.as_ref(), cfg.drain_timeout, acker).await;
     if drained.is_none() {
-        tracing::warn!(timeout_ms = cfg.drain_timeout.as_millis() as u64, "drain timed out; uncommitted records will be repeated");
+        DrainTimedOut { timeout_ms: cfg.drain_timeout.as_millis() as u64 }.emit();
     }
     // Whatever happened, committing what is acknowledged is always safe.
     commit(&mut consumer, &tracker, &metrics, &mut report).await?;
@@ -349,13 +348,7 @@ impl StallWatch {
             return;
         }
         self.last_warned_ms = Some(now_ms);
-        tracing::warn!(
-            waiting,
-            idle_s = (now_ms - self.last_record_ms) / 1000,
-            runner = %runner_state(),
-            consumer = %consumer.describe(),
-            "no records polled for a while although records wait in the assigned partitions"
-        );
+        NoProgress { waiting, idle_s: (now_ms - self.last_record_ms) / 1000, runner: &runner_state(), consumer: &consumer.describe() }.emit();
     }
 }
 
@@ -534,13 +527,8 @@ async fn send_dead_letter(resilient: &Resilient, producer: &dyn LogProducer, d: 
             Ok(_) => return Ok(()),
             Err(Attempted::Rejected { error, class: ErrorClass::Invalid, .. }) => match keep {
                 Some(keep) => {
-                    tracing::warn!(
-                        source = %format!("{}@{}", d.record.position.tp, d.record.position.offset),
-                        payload_bytes = d.record.payload.len(),
-                        keep,
-                        %error,
-                        "the broker refused a dead letter; sending it with a truncated payload (the dead_letters table keeps it whole)"
-                    );
+                    let source = format!("{}@{}", d.record.position.tp, d.record.position.offset);
+                    DeadLetterTruncated { source: &source, payload_bytes: d.record.payload.len(), keep, error: &error }.emit();
                     out = d.to_truncated_outgoing(topic, keep);
                 }
                 None => return Err(error.to_string()),
@@ -555,7 +543,7 @@ async fn send_dead_letter(resilient: &Resilient, producer: &dyn LogProducer, d: 
 pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
 
 fn ctx_fatal(ctx: &StageContext, message: String) {
-    tracing::error!(%message, "acker stopping");
+    FatalStop { stage: "acker", error: &message }.emit();
     ctx.fatal.send_if_modified(|f| {
         if f.is_none() {
             *f = Some(Fatal::new("dead-letter", message));

@@ -88,7 +88,8 @@ impl StageContext {
     }
 
     fn report(&self, fatal: Fatal) {
-        tracing::error!(stage = %fatal.stage, error = %fatal.message, "fatal error; stopping the topology");
+        use crate::ops::events::{Event, FatalStop};
+        FatalStop { stage: &fatal.stage, error: &fatal.message }.emit();
         self.fatal.send_if_modified(|f| {
             if f.is_none() {
                 *f = Some(fatal);

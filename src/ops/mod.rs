@@ -8,6 +8,7 @@
 //! - [`exporter`]: every exported metric, named once, and the readiness rule.
 //! - [`server`]: the HTTP/1 listener (loopback by default).
 
+pub mod events;
 pub mod exporter;
 pub mod server;
 

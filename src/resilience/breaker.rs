@@ -1,5 +1,6 @@
 use std::sync::Mutex;
 
+use crate::ops::events::{BreakerClosed, BreakerHalfOpen, BreakerOpened, Event};
 use serde::Deserialize;
 
 /// When a breaker opens and how long it stays open.
@@ -58,7 +59,7 @@ impl CircuitBreaker {
             BreakerState::Closed => Ok(()),
             BreakerState::Open { until_ms } if now_ms >= until_ms => {
                 s.0 = BreakerState::HalfOpen;
-                tracing::info!(endpoint = %self.name, "circuit breaker half-open: sending a trial call");
+                BreakerHalfOpen { endpoint: &self.name }.emit();
                 Ok(())
             }
             BreakerState::Open { until_ms } => {
@@ -71,7 +72,7 @@ impl CircuitBreaker {
     pub fn record_success(&self) {
         let mut s = self.state.lock().unwrap();
         if s.0 != BreakerState::Closed {
-            tracing::info!(endpoint = %self.name, "circuit breaker closed");
+            BreakerClosed { endpoint: &self.name }.emit();
         }
         *s = (BreakerState::Closed, 0);
     }
@@ -81,7 +82,7 @@ impl CircuitBreaker {
         s.1 = s.1.saturating_add(1);
         let trip = matches!(s.0, BreakerState::HalfOpen) || s.1 >= self.config.failure_threshold;
         if trip && !matches!(s.0, BreakerState::Open { .. }) {
-            tracing::warn!(endpoint = %self.name, failures = s.1, open_ms = self.config.open_ms, "circuit breaker opened");
+            BreakerOpened { endpoint: &self.name, failures: s.1, open_ms: self.config.open_ms }.emit();
             s.0 = BreakerState::Open { until_ms: now_ms + self.config.open_ms as i64 };
         }
     }

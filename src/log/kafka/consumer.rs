@@ -19,6 +19,7 @@ use super::error::{classify, commit_retriable, with_context};
 use super::stats::{PartitionStats, parse_stats};
 use super::{KafkaConfig, forward_log};
 use crate::log::{LogConsumer, LogError, PartitionPosition, PollLimit, RevokeHandler};
+use crate::ops::events::{AssignmentLost, Event, PartitionsAssigned, PartitionsRevoked};
 use crate::record::{Headers, Position, Record, TopicPartition};
 
 /// How long a commit may take before it counts as failed (`Unavailable`).
@@ -156,7 +157,7 @@ impl ConsumerContext for KafkaContext {
                     tracing::warn!(group = %self.shared.group, error = %e, "resuming newly assigned partitions failed");
                 }
             }
-            tracing::info!(group = %self.shared.group, assigned = ?added, total = st.assigned.len(), "partitions assigned");
+            PartitionsAssigned { group: &self.shared.group, partitions: &added, total: st.assigned.len() }.emit();
         }
     }
 }
@@ -172,7 +173,7 @@ impl KafkaContext {
         let handler = self.shared.handler.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let offsets = match handler {
             _ if lost => {
-                tracing::warn!(group = %group, partitions = ?revoked, "assignment lost (session timed out); not committing, the new owner repeats uncommitted records");
+                AssignmentLost { group, partitions: &revoked }.emit();
                 BTreeMap::new()
             }
             Some(h) => run_blocking(|| h(&revoked)),
@@ -200,7 +201,7 @@ impl KafkaContext {
             st.held.remove(tp);
             st.stats.remove(tp);
         }
-        tracing::info!(group = %group, revoked = ?revoked, remaining = st.assigned.len(), "partitions revoked");
+        PartitionsRevoked { group, partitions: &revoked, remaining: st.assigned.len() }.emit();
     }
 }
 

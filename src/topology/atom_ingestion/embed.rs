@@ -9,6 +9,7 @@
 //! the partitions. Only a service that refuses one input (`Rejected`)
 //! dead-letters that record.
 
+use crate::ops::events::{EmbeddingRecovered, EmbeddingUnavailable, Event};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -56,7 +57,7 @@ impl Embed {
             match self.embedder.embed(&texts).await {
                 Ok(vectors) => {
                     if self.outage.swap(false, Ordering::AcqRel) {
-                        tracing::info!(model = self.embedder.model(), "embedding service answers again; resuming");
+                        EmbeddingRecovered { model: self.embedder.model() }.emit();
                     }
                     self.metrics.count(super::counters::EMBEDDED_TEXTS, texts.len() as u64);
                     if vectors.len() != texts.len() {
@@ -74,12 +75,7 @@ impl Embed {
                 Err(e @ EmbedError::Rejected { .. }) => return Ok(vec![Err(Rejection::new("embed.rejected", e.to_string()))]),
                 Err(EmbedError::Unavailable { message, attempts }) => {
                     if !self.outage.swap(true, Ordering::AcqRel) {
-                        tracing::warn!(
-                            model = self.embedder.model(),
-                            attempts,
-                            error = %message,
-                            "embedding service unavailable: holding the window and retrying until it answers (partitions pause while the budget is spent)"
-                        );
+                        EmbeddingUnavailable { model: self.embedder.model(), attempts, error: &message }.emit();
                     }
                     self.clock.sleep(UNAVAILABLE_PAUSE).await;
                 }
