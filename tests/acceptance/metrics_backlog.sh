@@ -58,7 +58,7 @@ echo "producing $N requests to $ID.ingest"
 PROC=$!
 sleep 8
 kill -TERM $PROC; wait $PROC || true
-"$BIN" --connectors "$WORK/profile.toml" produce --topic "$ID.ingest" --input "$WORK/requests.jsonl"
+"$BIN" --connectors "$WORK/profile.toml" produce --topic "$ID.ingest" --schema AtomIngestionRequest --input "$WORK/requests.jsonl"
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$BIN" --connectors "$WORK/profile.toml" run --topology "$WORK/topology.toml" --listen "127.0.0.1:$PORT" >"$WORK/run.out" 2>"$WORK/run.err" &
