@@ -295,11 +295,13 @@ impl Exporter {
             if let Some(c) = p.committed {
                 fcom.value(&labels, c as f64);
             }
+            // No lag series before the log end is known (librdkafka's first
+            // statistics report): a 0 would claim "caught up" while records wait.
             if let Some(e) = p.end {
                 fend.value(&labels, e as f64);
+                flag.value(&labels, p.lag_records() as f64);
+                fsec.value(&labels, p.lag_seconds(now_ms));
             }
-            flag.value(&labels, p.lag_records() as f64);
-            fsec.value(&labels, p.lag_seconds(now_ms));
         }
         for f in [fpos, fcom, fend, flag, fsec] {
             f.done(&mut out);
@@ -411,6 +413,19 @@ mod tests {
         assert!(line(&text, r#"hartonomous_consumer_lag_records{group="g",topic="t",partition="1"}"#).unwrap().ends_with(" 20"));
         assert!(line(&text, r#"hartonomous_consumer_lag_seconds{group="g",topic="t",partition="1"}"#).unwrap().ends_with(" 10"));
         assert!(line(&text, r#"hartonomous_consumer_position{group="g",topic="t",partition="1"}"#).unwrap().ends_with(" 90"));
+        // Before the first statistics report the end is unknown: no lag series, not a 0.
+        m.set_partitions(BTreeMap::from([(
+            TopicPartition::new("t", 2),
+            PartitionGauges { position: 0, end: None, committed: None, paused: false, newest_event_ms: None },
+        )]));
+        let early = e.render();
+        assert!(line(&early, r#"hartonomous_consumer_position{group="g",topic="t",partition="2"}"#).is_some(), "{early}");
+        assert!(line(&early, r#"hartonomous_consumer_lag_records{group="g",topic="t",partition="2"}"#).is_none(), "{early}");
+        assert!(line(&early, r#"hartonomous_consumer_lag_seconds{group="g",topic="t",partition="2"}"#).is_none(), "{early}");
+        m.set_partitions(BTreeMap::from([(
+            TopicPartition::new("t", 1),
+            PartitionGauges { position: 90, end: Some(100), committed: Some(80), paused: true, newest_event_ms: Some(1_700_000_000_000) },
+        )]));
         assert!(line(&text, r#"hartonomous_paused_partitions{topology="atom-ingestion",group="g"}"#).unwrap().ends_with(" 1"));
         assert!(line(&text, r#"hartonomous_circuit_breaker_state{endpoint="store",state="closed"}"#).unwrap().ends_with(" 1"));
         assert!(line(&text, r#"hartonomous_circuit_breaker_state{endpoint="store",state="open"}"#).unwrap().ends_with(" 0"));
