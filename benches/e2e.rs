@@ -150,7 +150,7 @@ async fn run(n: usize) {
 
 /// An OTLP/HTTP collector that answers every export with 200 and counts them.
 async fn sink_collector() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
     let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -160,28 +160,7 @@ async fn sink_collector() -> (String, std::sync::Arc<std::sync::atomic::AtomicU6
             let seen = seen.clone();
             tokio::spawn(async move {
                 let mut reader = BufReader::new(stream);
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut length = 0usize;
-                    loop {
-                        let mut h = String::new();
-                        if reader.read_line(&mut h).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h.trim().is_empty() {
-                            break;
-                        }
-                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    if reader.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
+                while common::read_request(&mut reader).await.is_some() {
                     seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
                     if reader.get_mut().write_all(answer).await.is_err() {

@@ -49,7 +49,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 mod common;
 
@@ -230,28 +230,7 @@ async fn serve(stream: tokio::net::TcpStream, delay: Duration) {
     let _ = stream.set_nodelay(true);
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read);
-    loop {
-        let mut line = String::new();
-        if read.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return;
-        }
-        let mut length = 0;
-        loop {
-            let mut h = String::new();
-            if read.read_line(&mut h).await.unwrap_or(0) == 0 {
-                return;
-            }
-            if h.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; length];
-        if read.read_exact(&mut body).await.is_err() {
-            return;
-        }
+    while let Some(body) = common::read_request(&mut read).await {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

@@ -209,12 +209,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Completes on SIGINT or SIGTERM: the run then drains and commits. The
-/// handlers are installed when this is called, not when the future is first
-/// polled, so a signal that arrives while the run is still connecting is not
-/// the default action (an immediate exit) but a request to stop as soon as
-/// the run starts.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives
+/// while a run is still connecting is not the default action (an immediate
+/// exit) but a request to stop as soon as the run starts.
+fn interrupted() -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -223,20 +222,15 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        eprintln!("shutting down: draining in-flight records and committing");
     }
 }
 
-/// SIGINT or SIGTERM, without the drain message (for `lag --watch`).
-fn shutdown_signal_quiet() -> impl std::future::Future<Output = ()> + Send {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+/// [`interrupted`], saying that the run now drains and commits.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    let signal = interrupted();
     async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
+        signal.await;
+        eprintln!("shutting down: draining in-flight records and committing");
     }
 }
 
@@ -367,7 +361,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let LogProfile::Kafka(k) = &profile.log else {
                 anyhow::bail!("`lag` reads a Kafka consumer group: pass a Kafka profile with --connectors (the embedded log has no groups)")
             };
-            let stop = shutdown_signal_quiet();
+            let stop = interrupted();
             tokio::pin!(stop);
             loop {
                 let rows = hartonomous::log::kafka::group_lag(k, &group, &topic).await?;

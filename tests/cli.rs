@@ -430,18 +430,25 @@ fn a_compensation_event_met_twice_is_announced_once() {
     assert_eq!(cell(&q), "3", "{q}");
 }
 
-/// Logs go to stderr without colour codes when stderr is not a terminal
-/// (a file, a pipe, a CI log); results stay alone on stdout.
-#[test]
-fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+/// `hartonomous [global_args] demo` in a fresh data directory with debug
+/// logs, its stderr and stdout captured (pipes, not a terminal).
+fn demo_with_debug_logs(global_args: &[&str]) -> Output {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_hartonomous"))
-        .args(["demo"])
+    Command::new(env!("CARGO_BIN_EXE_hartonomous"))
+        .args(global_args)
+        .arg("demo")
         .env("HARTONOMOUS_DATA_DIR", dir.path())
         .env("RUST_LOG", "hartonomous=debug")
         .env_remove("HARTONOMOUS_CONNECTORS")
         .output()
-        .expect("run hartonomous");
+        .expect("run hartonomous")
+}
+
+/// Logs go to stderr without colour codes when stderr is not a terminal
+/// (a file, a pipe, a CI log); results stay alone on stdout.
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let out = demo_with_debug_logs(&[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.lines().any(|l| l.contains("DEBUG") || l.contains("INFO")), "no log lines on stderr:\n{stderr}");
@@ -454,14 +461,7 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
 /// timestamp, a level, a target and the event's fields; stdout is unchanged.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_hartonomous"))
-        .args(["--log-format", "json", "demo"])
-        .env("HARTONOMOUS_DATA_DIR", dir.path())
-        .env("RUST_LOG", "hartonomous=debug")
-        .env_remove("HARTONOMOUS_CONNECTORS")
-        .output()
-        .expect("run hartonomous");
+    let out = demo_with_debug_logs(&["--log-format", "json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -1,4 +1,5 @@
-//! What the Kafka benches share: the raw consume ceiling.
+//! What the Kafka benches share: the raw consume ceiling, and reading the
+//! requests their local HTTP servers (model servers, an OTLP collector) answer.
 
 use std::time::{Duration, Instant};
 
@@ -29,4 +30,31 @@ pub fn raw_consume(bootstrap: &str, topic: &str, partitions: i32, n: usize) -> D
         assert!(started.elapsed() < Duration::from_secs(600), "raw consume saw {seen} of {n}");
     }
     started.elapsed()
+}
+
+/// Reads one HTTP/1.1 request (request line, headers, a `content-length`
+/// body) from a keep-alive connection and returns its body; `None` when the
+/// client closed the connection or sent a short body.
+pub async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut length = 0;
+    loop {
+        let mut h = String::new();
+        if read.read_line(&mut h).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    read.read_exact(&mut body).await.ok()?;
+    Some(body)
 }

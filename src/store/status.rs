@@ -113,10 +113,10 @@ impl RequestStatus {
         mut compensations: Vec<CompensationStatus>,
     ) -> Self {
         // Stable answers whatever order the store returned rows in.
-        arrivals.sort_by(|a, b| (&a.source_topic, a.source_partition, a.source_offset).cmp(&(&b.source_topic, b.source_partition, b.source_offset)));
-        dead_letters.sort_by(|a, b| (&a.source_topic, a.source_partition, a.source_offset).cmp(&(&b.source_topic, b.source_partition, b.source_offset)));
-        results.sort_by(|a, b| (&a.source_topic, a.source_partition, a.source_offset).cmp(&(&b.source_topic, b.source_partition, b.source_offset)));
-        compensations.sort_by(|a, b| (&a.source_topic, a.source_partition, a.source_offset).cmp(&(&b.source_topic, b.source_partition, b.source_offset)));
+        arrivals.sort_by_key(|r| (r.source_topic.clone(), r.source_partition, r.source_offset));
+        dead_letters.sort_by_key(|r| (r.source_topic.clone(), r.source_partition, r.source_offset));
+        results.sort_by_key(|r| (r.source_topic.clone(), r.source_partition, r.source_offset));
+        compensations.sort_by_key(|r| (r.source_topic.clone(), r.source_partition, r.source_offset));
         let state = if !compensations.is_empty() {
             "compensated"
         } else if !results.is_empty() {

@@ -84,20 +84,7 @@ fn read_lag(consumer: &BaseConsumer<LogContext>, named: &[String]) -> Result<Vec
     if let Some(missing) = named.iter().find(|n| !partitions.iter().any(|tp| &*tp.topic == n.as_str())) {
         return Err(LogError::Fatal(format!("the broker lists no topic `{missing}`; check --topic")));
     }
-    let mut tpl = TopicPartitionList::new();
-    for tp in &partitions {
-        tpl.add_partition(&tp.topic, tp.partition);
-    }
-    let committed: BTreeMap<TopicPartition, i64> = consumer
-        .committed_offsets(tpl, REQUEST_TIMEOUT)
-        .map_err(kafka("reading the group's committed offsets"))?
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((TopicPartition::new(e.topic(), e.partition()), o)),
-            _ => None,
-        })
-        .collect();
+    let committed = super::offsets::committed_on(consumer, &partitions)?;
     let mut rows = Vec::new();
     for tp in partitions {
         let committed = committed.get(&tp).copied();

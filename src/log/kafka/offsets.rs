@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::error::{classify, with_context};
@@ -25,23 +25,27 @@ fn client(config: &KafkaConfig, group: &str) -> Result<BaseConsumer<LogContext>,
 pub async fn group_committed(config: &KafkaConfig, group: &str, partitions: &[TopicPartition]) -> Result<BTreeMap<TopicPartition, i64>, LogError> {
     let consumer = client(config, group)?;
     let partitions = partitions.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let mut tpl = TopicPartitionList::new();
-        for tp in &partitions {
-            tpl.add_partition(&tp.topic, tp.partition);
-        }
-        let got = consumer.committed_offsets(tpl, REQUEST_TIMEOUT).map_err(|e| with_context(classify(&e), "reading committed offsets"))?;
-        Ok(got
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((TopicPartition::new(e.topic(), e.partition()), o)),
-                _ => None,
-            })
-            .collect())
-    })
-    .await
-    .map_err(|e| LogError::Fatal(format!("offsets task failed: {e}")))?
+    tokio::task::spawn_blocking(move || committed_on(&consumer, &partitions))
+        .await
+        .map_err(|e| LogError::Fatal(format!("offsets task failed: {e}")))?
+}
+
+/// The committed offsets of `consumer`'s group for `partitions` (those
+/// without one are absent). Blocks for up to the request timeout.
+pub(super) fn committed_on<C: ConsumerContext>(consumer: &BaseConsumer<C>, partitions: &[TopicPartition]) -> Result<BTreeMap<TopicPartition, i64>, LogError> {
+    let mut tpl = TopicPartitionList::new();
+    for tp in partitions {
+        tpl.add_partition(&tp.topic, tp.partition);
+    }
+    let got = consumer.committed_offsets(tpl, REQUEST_TIMEOUT).map_err(|e| with_context(classify(&e), "reading the group's committed offsets"))?;
+    Ok(got
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((TopicPartition::new(e.topic(), e.partition()), o)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Commits `offsets` (the next offset to read, per partition) for `group`.
