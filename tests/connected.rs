@@ -136,6 +136,7 @@ struct Setup {
     dlq: String,
     out: String,
     database: String,
+    group: String,
     profile: PathBuf,
     topology: PathBuf,
     /// The Confluent-compatible registry the processor uses, if not the file registry.
@@ -176,7 +177,7 @@ impl Setup {
             .replace("commit_interval_ms = 1000", "commit_interval_ms = 200")
             .replace("max_records = 5000", "max_records = 500");
         std::fs::write(&topology, edit(text)).unwrap();
-        let s = Self { dir, topic, dlq, out, database, profile, topology, confluent };
+        let s = Self { dir, topic, dlq, out, database, group: format!("{id}-group"), profile, topology, confluent };
         // Topics exist before anyone produces, with the partition count of the declaration.
         hartonomous::log::kafka::ensure_topics(&kafka_config(), &[(s.topic.as_str(), partitions), (s.dlq.as_str(), partitions), (s.out.as_str(), partitions)])
             .await
@@ -263,6 +264,16 @@ impl Setup {
 
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// `hartonomous lag` for the scenario's group: where its commits stand
+    /// against the true log ends, for a failure message.
+    fn lag_table(&self) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_hartonomous"))
+            .args(["--connectors", self.profile.to_str().unwrap(), "lag", "--group", &self.group, "--topic", &self.topic])
+            .output()
+            .unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     }
 
     fn tail(&self, name: &str) -> String {
@@ -746,9 +757,10 @@ async fn outage(name: &str, services_down: &[(&str, Duration, Duration)]) {
         if Instant::now() > deadline {
             let (atoms, arrivals) = (s.atoms_final().await, s.arrivals_final().await);
             panic!(
-                "{name}: 300 s after the outage, {atoms} of {} atoms and {arrivals} of {} arrivals are stored; the processor's log ends:\n{}",
+                "{name}: 300 s after the outage, {atoms} of {} atoms and {arrivals} of {} arrivals are stored; the group's lag:\n{}\nthe processor's log ends:\n{}",
                 w.expected.hashes.len(),
                 w.expected.accepted.len(),
+                s.lag_table(),
                 s.tail("p")
             );
         }

@@ -22,7 +22,7 @@ use super::window::{Window, WindowConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterArchive};
 use crate::log::{LogConsumer, LogError, LogProducer, PollLimit};
 use crate::ops::events::{
-    CommitFailing, CommitsRecovered, DeadLetterTruncated, DrainTimedOut, Event, FatalStop, NoProgress, PartitionsPaused, PartitionsResumed, ShutdownRequested,
+    CommitFailing, CommitsRecovered, DeadLetterTruncated, DrainTimedOut, Event, FatalStop, Idle, NoProgress, PartitionsPaused, PartitionsResumed, ShutdownRequested,
 };
 use crate::outcome::{Classify, ErrorClass, Fatal};
 use crate::record::TopicPartition;
@@ -344,10 +344,11 @@ impl StallWatch {
             return;
         }
         let waiting: i64 = consumer.positions().values().filter_map(|p| p.end.map(|e| (e - p.next).max(0))).sum();
+        self.last_warned_ms = Some(now_ms);
         if waiting == 0 {
+            Idle { idle_s: (now_ms - self.last_record_ms) / 1000, consumer: &consumer.describe() }.emit();
             return;
         }
-        self.last_warned_ms = Some(now_ms);
         NoProgress { waiting, idle_s: (now_ms - self.last_record_ms) / 1000, runner: &runner_state(), consumer: &consumer.describe() }.emit();
     }
 }

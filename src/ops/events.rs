@@ -111,6 +111,22 @@ impl Event for NoProgress<'_> {
     }
 }
 
+/// No record polled for a while and, as far as the log ends say, none
+/// waits: normal for a caught-up consumer, so at debug level. The log end
+/// comes from the broker's high watermark, which some brokers report wrongly
+/// (tansu: the start of the last stored batch + 1), so the consumer's state
+/// is logged too: a partition stuck below its real end shows up here.
+pub struct Idle<'a> {
+    pub idle_s: i64,
+    pub consumer: &'a str,
+}
+
+impl Event for Idle<'_> {
+    fn emit(&self) {
+        tracing::debug!(target: "hartonomous::events", idle_s = self.idle_s, consumer = %self.consumer, "no records polled for a while; the log ends say none wait");
+    }
+}
+
 /// A stage or the acker stopped the topology.
 pub struct FatalStop<'a> {
     pub stage: &'a str,
