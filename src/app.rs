@@ -31,6 +31,9 @@ pub struct Embedded {
     pub registry: Arc<FileRegistry>,
     pub embedder: Arc<dyn Embedder>,
     pub clock: SharedClock,
+    /// Model answers to play back or record (replays): the topology's models
+    /// answer through it. Set `embedder` through it too.
+    pub cassette: Option<Arc<crate::replay::cassette::Cassette>>,
 }
 
 impl Embedded {
@@ -40,7 +43,7 @@ impl Embedded {
         let store = Arc::new(EmbeddedStore::open(dir)?);
         let registry = Arc::new(FileRegistry::open(profile.registry_path().unwrap_or_else(|| dir.join("registry.json")))?);
         let embedder = build_embedder(&profile.embedder, clock.clone())?;
-        Ok(Self { log: EmbeddedLog::new(clock.clone()), store, registry, embedder, clock })
+        Ok(Self { log: EmbeddedLog::new(clock.clone()), store, registry, embedder, clock, cassette: None })
     }
 
     /// Registers the bundled schemas for the topology's topics, so that ids are
@@ -72,6 +75,7 @@ impl Embedded {
             clock: self.clock.clone(),
             metrics: metrics.clone(),
             breakers: Default::default(),
+            cassette: self.cassette.clone(),
         };
         let consumer = self.log.consumer(&spec.group(), &[spec.source.topic.as_str()]);
         let report = topology::run(spec, &deps, consumer, Until::Drained, std::future::pending()).await?;
@@ -120,6 +124,15 @@ pub async fn open_registry(profile: &Profile, topic: &str, name: &str) -> anyhow
             Ok(Arc::new(registry))
         }
     }
+}
+
+/// Opens the profile's schema registry for look-ups only: nothing is
+/// registered (`record` reads the writer schemas its records name).
+pub fn lookup_registry(profile: &Profile) -> anyhow::Result<Arc<dyn SchemaRegistry>> {
+    Ok(match &profile.registry {
+        RegistryProfile::Confluent(c) => Arc::new(ConfluentRegistry::new(c.clone()).map_err(anyhow::Error::msg)?),
+        RegistryProfile::File(_) => Arc::new(FileRegistry::open(profile.registry_path().expect("file registry has a path"))?),
+    })
 }
 
 /// Opens the profile's store, as both contracts it serves; ClickHouse is
@@ -193,6 +206,7 @@ pub async fn run_kafka(
         clock,
         metrics: metrics.clone(),
         breakers,
+        cassette: None,
     };
     let consumer = KafkaConsumer::new(kafka, &spec.group(), &[spec.source.topic.as_str()])?;
     let report = topology::run(spec, &deps, consumer, Until::Shutdown, shutdown).await;

@@ -41,6 +41,26 @@ pub fn system() -> SharedClock {
     Arc::new(SystemClock)
 }
 
+/// A clock whose "now" never moves, with real sleeps. Replays run on it:
+/// every time a run stamps (ingestion times, dead-letter times, latencies
+/// measured as differences) is the same value in every run, so two runs over
+/// one input write the same bytes. Sleeps (retry backoff) still take real
+/// time. What waits for "now" to pass a deadline (a window's age, a breaker's
+/// open period, a model deadline) never sees it pass: windows then close by
+/// size or when the input is drained.
+#[derive(Debug, Clone, Copy)]
+pub struct FrozenClock(pub i64);
+
+impl Clock for FrozenClock {
+    fn now_ms(&self) -> i64 {
+        self.0
+    }
+
+    fn sleep(&self, d: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
+}
+
 /// A clock that moves only when told to. Sleepers wake when [`ManualClock::advance`]
 /// carries the time past their deadline.
 #[derive(Debug, Clone)]

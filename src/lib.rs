@@ -7,6 +7,7 @@ pub mod embed;
 pub mod model;
 pub mod outcome;
 pub mod record;
+pub mod replay;
 pub mod resilience;
 pub mod store;
 pub mod tls;

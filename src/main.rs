@@ -45,6 +45,12 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnMissing {
+    Fail,
+    Call,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Human,
     Json,
@@ -69,6 +75,60 @@ enum Command {
         /// against Kafka: HOST:PORT (port 0 picks a free one), or `off`.
         #[arg(long, env = "HARTONOMOUS_LISTEN", default_value = hartonomous::ops::DEFAULT_LISTEN, value_name = "HOST:PORT|off")]
         listen: hartonomous::ops::Listen,
+    },
+    /// Record a range of a Kafka topic to an Avro container file: every record
+    /// with its partition, offset, timestamp, key and headers, bytes unchanged,
+    /// and the writer schema of each registry id the values name, so that
+    /// `replay --input` runs it anywhere. Reads only: joins no group, commits nothing.
+    Record {
+        #[arg(long)]
+        topic: String,
+        /// Only this partition (repeatable). Default: every partition.
+        #[arg(long)]
+        partition: Vec<i32>,
+        /// Where to start: an offset, or a time (RFC 3339 such as
+        /// 2026-12-01T10:00:00Z, or ms:EPOCH_MILLIS). Default: each partition's start.
+        #[arg(long, value_name = "OFFSET|TIME")]
+        from: Option<hartonomous::log::kafka::Bound>,
+        /// Where to stop (exclusive): an offset or a time. Default: the records
+        /// stamped before the command started.
+        #[arg(long, value_name = "OFFSET|TIME")]
+        to: Option<hartonomous::log::kafka::Bound>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Replay a recording (`record`), JSON lines or framed wire records through
+    /// a topology on the embedded default (no servers), with one frozen clock,
+    /// and write or compare every output: the store's tables, each output
+    /// topic and the dead letters, as sorted files. Two replays of one file
+    /// write the same bytes. Exits with 1 when --expect finds a difference.
+    Replay {
+        /// A bundled topology's name, or the path of a declaration file.
+        #[arg(long, default_value = "atom-ingestion", value_name = "NAME|FILE")]
+        topology: String,
+        #[arg(long)]
+        input: PathBuf,
+        /// Write the outputs under this directory (tables/, topics/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Compare the outputs with this directory (as written by --out) and
+        /// print the differences.
+        #[arg(long)]
+        expect: Option<PathBuf>,
+        /// The frozen "now" in ms since the epoch. Default: the recording's time
+        /// (2026-01-01T00:00:00Z for other inputs).
+        #[arg(long)]
+        now_ms: Option<i64>,
+        /// Model and embedding answers: recorded into this file when it does
+        /// not exist yet (the models are called), played back when it does
+        /// (no model is called).
+        #[arg(long)]
+        cassette: Option<PathBuf>,
+        /// What a played-back cassette does for an input it lacks: `fail` the
+        /// run, naming the model and the input's hash, or `call` the model and
+        /// keep the answer.
+        #[arg(long, value_enum, default_value_t = OnMissing::Fail)]
+        on_missing: OnMissing,
     },
     /// A consumer group's lag per partition: committed offset, log end and
     /// lag (Kafka profiles). Reads only: it joins nothing and commits nothing.
@@ -234,6 +294,76 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     }
 }
 
+/// `hartonomous record`: reads the range on a blocking thread and writes
+/// each record as it arrives, with a progress bar on a terminal.
+async fn record(
+    kafka: hartonomous::log::kafka::KafkaConfig,
+    registry: std::sync::Arc<dyn hartonomous::avro::SchemaRegistry>,
+    topic: String,
+    partitions: Vec<i32>,
+    from: Option<hartonomous::log::kafka::Bound>,
+    to: Option<hartonomous::log::kafka::Bound>,
+    out: PathBuf,
+) -> anyhow::Result<String> {
+    use hartonomous::replay::recording::{RecordingInfo, RecordingWriter, wire_schema_id};
+    let spec = hartonomous::log::kafka::RangeSpec { topic: topic.clone(), partitions: partitions.clone(), from, to };
+    let info = RecordingInfo {
+        format_version: 1,
+        topic: topic.clone(),
+        from: from.map(|b| format!("{b:?}")),
+        to: to.map(|b| format!("{b:?}")),
+        partitions,
+        recorded_at_ms: clock::system().now_ms(),
+        tool: format!("hartonomous {}", env!("CARGO_PKG_VERSION")),
+    };
+    let handle = tokio::runtime::Handle::current();
+    let started = std::time::Instant::now();
+    let (report, written, info) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut info = info;
+        let mut writer = RecordingWriter::create(&out, &info)?;
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {pos} records  {per_sec}  {elapsed}").expect("valid template"));
+        let mut failed: Option<String> = None;
+        let mut sink = |r: hartonomous::record::Record| -> Result<(), String> {
+            let schema = match wire_schema_id(&r.payload) {
+                Some(id) if writer.needs_schema(id) => match handle.block_on(registry.schema_by_id(id)) {
+                    Ok(s) => Some((id, s.canonical_form())),
+                    // An id the registry does not know is recorded as it is:
+                    // the replay dead-letters it, as production would.
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "a record names a schema id the registry cannot give; recorded without its schema");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            writer.append(&r, schema).map_err(|e| {
+                failed = Some(e.to_string());
+                e.to_string()
+            })
+        };
+        let report = hartonomous::log::kafka::read_range(&kafka, &spec, &mut sink, &mut |n| bar.set_position(n))?;
+        bar.finish_and_clear();
+        let written = writer.finish()?;
+        info.partitions = report.partitions.keys().copied().collect();
+        Ok((report, written, info))
+    })
+    .await??;
+    let secs = started.elapsed().as_secs_f64();
+    let mut s = format!("recorded {written} records of {} in {secs:.2} s ({:.0} records/s)", info.topic, written as f64 / secs.max(1e-9));
+    for (p, r) in &report.partitions {
+        let range = match (r.first, r.last) {
+            (Some(a), Some(b)) => format!("offsets {a}..={b}"),
+            _ => "nothing in range".to_string(),
+        };
+        s.push_str(&format!("\n  partition {p}: {} records, {range} (read from {})", r.records, r.started_at));
+    }
+    for w in &report.warnings {
+        s.push_str(&format!("\n  warning: {w}"));
+    }
+    Ok(s)
+}
+
 /// Now in UTC, for `lag --watch`'s headings.
 fn chrono_now() -> String {
     let ms = clock::system().now_ms();
@@ -308,6 +438,65 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", summary.render());
                 }
                 (None, LogProfile::Embedded(_)) => anyhow::bail!("the embedded log starts empty: pass --input FILE, or use a Kafka profile with --connectors"),
+            }
+        }
+        Command::Record { topic, partition, from, to, out } => {
+            let profile = Profile::load(cli.connectors.as_deref())?;
+            let LogProfile::Kafka(k) = &profile.log else {
+                anyhow::bail!("`record` reads a Kafka topic: pass a Kafka profile with --connectors (the embedded log lives only inside one command)")
+            };
+            let registry = hartonomous::app::lookup_registry(&profile)?;
+            let summary = record(k.clone(), registry, topic, partition, from, to, out).await?;
+            println!("{summary}");
+        }
+        Command::Replay { topology: name, input, out, expect, now_ms, cassette, on_missing } => {
+            use hartonomous::replay::cassette::{Cassette, Mode};
+            let profile = Profile::load(cli.connectors.as_deref())?;
+            let spec = topology::resolve(&name)?;
+            let cassette = match &cassette {
+                Some(path) if path.exists() => Some(Cassette::open(path, Mode::Replay(match on_missing {
+                    OnMissing::Fail => hartonomous::replay::cassette::OnMissing::Fail,
+                    OnMissing::Call => hartonomous::replay::cassette::OnMissing::Call,
+                }))?),
+                Some(path) => Some(Cassette::open(path, Mode::Record)?),
+                None => None,
+            };
+            let started = std::time::Instant::now();
+            let replay = hartonomous::replay::replay_file(&profile, &spec, &input, now_ms, cassette.clone()).await?;
+            if let Some(c) = &cassette {
+                use std::sync::atomic::Ordering;
+                if c.mode() == Mode::Record || c.misses.load(Ordering::Relaxed) > 0 {
+                    c.save()?;
+                }
+                let (hits, misses) = (c.hits.load(Ordering::Relaxed), c.misses.load(Ordering::Relaxed));
+                match c.mode() {
+                    Mode::Record => println!("cassette: recorded {} answers", c.len()),
+                    Mode::Replay(_) => println!("cassette: {hits} answers played back, {misses} not in it (called)"),
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            for summary in &replay.summaries {
+                println!("{}", summary.render());
+            }
+            println!("\nreplayed {} records in {secs:.2} s ({:.0} records/s), clock frozen at {} ms", replay.records, replay.records as f64 / secs.max(1e-9), replay.now_ms);
+            for (file, lines) in &replay.outputs {
+                println!("  {file}: {} lines", lines.len());
+            }
+            if let Some(dir) = &out {
+                hartonomous::replay::outputs::write(dir, &replay.outputs)?;
+                println!("outputs written under {}", dir.display());
+            }
+            if let Some(dir) = &expect {
+                let expected = hartonomous::replay::outputs::read(dir).map_err(|e| anyhow::anyhow!("--expect {}: {e}", dir.display()))?;
+                if expected.is_empty() {
+                    anyhow::bail!("--expect {}: no tables/ or topics/ files there; write them with --out first", dir.display());
+                }
+                let diff = hartonomous::replay::outputs::diff(&expected, &replay.outputs);
+                if !diff.is_empty() {
+                    eprintln!("the outputs differ from {}:\n{diff}", dir.display());
+                    std::process::exit(1);
+                }
+                println!("outputs match {}", dir.display());
             }
         }
         Command::Produce { topic, input, output, schema, schema_version } => {

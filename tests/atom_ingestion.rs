@@ -337,6 +337,7 @@ async fn a_commit_never_passes_an_unacknowledged_dead_letter() {
         clock: app.clock.clone(),
         metrics: metrics.clone(),
         breakers: Default::default(),
+        cassette: None,
     };
     let consumer = app.log.consumer(&spec.group(), &[TOPIC]);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

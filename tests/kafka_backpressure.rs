@@ -126,6 +126,7 @@ impl Run {
             clock: hartonomous::clock::system(),
             metrics: Arc::new(Metrics::default()),
             breakers: Default::default(),
+            cassette: None,
         }
     }
 

@@ -339,6 +339,7 @@ async fn run_with(
         clock: app.clock.clone(),
         metrics: metrics.clone(),
         breakers: Default::default(),
+        cassette: None,
     };
     let consumer = app.log.consumer(&spec.group(), &[spec.source.topic.as_str()]);
     let report = topology::run(&spec, &deps, consumer, Until::Drained, std::future::pending())

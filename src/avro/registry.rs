@@ -357,6 +357,33 @@ impl FileRegistry {
         Ok(id)
     }
 
+    /// Registers `schema` under `subject` with the id another registry gave
+    /// it (a replay's writer schemas keep their recorded ids). A no-op when
+    /// the id already holds this schema; an error when it holds another one.
+    pub fn import(&self, id: u32, subject: &str, schema: &Schema) -> Result<(), RegistryError> {
+        let canonical = schema.canonical_form();
+        let mut state = self.lock();
+        let _held = self.lock_file()?;
+        reload(&self.path, &mut state)?;
+        if let Some(existing) = state.schemas.get(&id) {
+            if existing.canonical_form() == canonical {
+                return Ok(());
+            }
+            return Err(RegistryError::Invalid(format!("id {id} already names another schema in {}", self.path.display())));
+        }
+        if let Some(other) = state.ids.get(&canonical) {
+            return Err(RegistryError::Invalid(format!("this schema is registered as id {other} already, not {id}")));
+        }
+        let json = serde_json::to_string(schema).map_err(|e| RegistryError::Invalid(format!("cannot serialise schema: {e}")))?;
+        let entry = Entry { id, subject: subject.to_string(), version: state.next_version(subject), schema: json };
+        let mut entries = state.entries.clone();
+        entries.push(entry.clone());
+        persist(&self.path, &entries)?;
+        state.insert(entry, Arc::new(schema.clone())).map_err(RegistryError::Invalid)?;
+        state.seen = file_stamp(&self.path);
+        Ok(())
+    }
+
     /// Every registration, in the order it was made.
     pub fn list(&self) -> Vec<RegisteredSchema> {
         let state = self.lock();

@@ -94,6 +94,8 @@ pub struct Deps {
     pub metrics: Arc<Metrics>,
     /// Every circuit breaker of the run (the topology registers its own here).
     pub breakers: Breakers,
+    /// Model answers to play back or record (replays); `None` calls the models.
+    pub cassette: Option<Arc<crate::replay::cassette::Cassette>>,
 }
 
 /// The topology named `name`.

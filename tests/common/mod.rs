@@ -138,3 +138,61 @@ pub async fn read_topic(config: &hartonomous::log::kafka::KafkaConfig, topic: &s
     consumer.close().await;
     out
 }
+
+/// An OpenAI-compatible embeddings server that counts the requests it answers.
+pub struct EmbeddingServer {
+    pub url: String,
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+pub fn embedding_server(dim: usize) -> EmbeddingServer {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Read, Write};
+                let mut reader = std::io::BufReader::new(stream);
+                let mut length = 0usize;
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((n, v)) = h.split_once(':') {
+                        if n.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let inputs: Vec<String> = match &body["input"] {
+                    serde_json::Value::Array(a) => a.iter().map(|v| v.as_str().unwrap().to_string()).collect(),
+                    v => vec![v.as_str().unwrap().to_string()],
+                };
+                let data: Vec<serde_json::Value> = inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let seed = t.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+                        let v: Vec<f32> = (0..dim).map(|j| (seed.wrapping_add(j as u32 * 17) % 1000) as f32 / 1000.0 - 0.5).collect();
+                        serde_json::json!({"object": "embedding", "index": i, "embedding": v})
+                    })
+                    .collect();
+                let payload = serde_json::json!({"object": "list", "model": body["model"], "data": data}).to_string();
+                let mut stream = reader.into_inner();
+                let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}", payload.len());
+            });
+        }
+    });
+    EmbeddingServer { url, requests }
+}

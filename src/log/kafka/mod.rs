@@ -24,6 +24,7 @@ mod error;
 mod lag;
 mod offsets;
 mod producer;
+mod range;
 mod scan;
 mod stats;
 
@@ -39,6 +40,7 @@ pub use error::classify;
 pub use lag::{PartitionLag, group_lag, render as render_lag};
 pub use offsets::{group_commit, group_committed};
 pub use producer::KafkaProducer;
+pub use range::{Bound, PartitionRead, RangeReport, RangeSpec, read_range};
 pub use scan::KafkaScanner;
 
 /// librdkafka's log lines go to `tracing`, where everything else goes. The

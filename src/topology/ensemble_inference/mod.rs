@@ -158,6 +158,10 @@ pub fn invokers(stages: &Stages, deps: &Deps) -> Result<BTreeMap<String, Arc<Inv
             }
             ModelSpec::Http(h) => Arc::new(crate::model::http::HttpModel::new(h.clone()).map_err(|e| Fatal::new("invoke", e))?),
         };
+        let model = match &deps.cassette {
+            Some(c) => c.model(model),
+            None => model,
+        };
         // Model breakers are not the run's: one model down must not pause
         // the partitions, since the others may still decide.
         out.insert(m.id().to_string(), Invoker::new(model, invoke.policy(m.id()).clone(), deps.clock.clone()));
