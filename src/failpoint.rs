@@ -15,6 +15,13 @@
 //! | `commit.before` | just before offsets are committed |
 //! | `announce.before_send` | compensation: step 2 (`announcing`) recorded, `InferenceCompensated` not sent |
 //! | `announce.after_send` | compensation: `InferenceCompensated` acknowledged, step 3 not recorded |
+//!
+//! One point is not a crash but a wedge ([`fires`]): `consumer.wedge@<n>` makes
+//! the Kafka consumer, once it has handed out `n` polls' worth of records,
+//! pause its partitions inside librdkafka behind the runner's back (a
+//! desynchronised pause, the kind confluentinc/librdkafka#1849 describes), so
+//! they stop fetching while the runner believes they flow. The runner's stall
+//! watch must find and restart them (`LogConsumer::unstick`).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +38,7 @@ pub const NAMES: &[&str] = &[
     "commit.before",
     "announce.before_send",
     "announce.after_send",
+    "consumer.wedge",
 ];
 
 struct Armed {
@@ -64,6 +72,13 @@ pub fn hit(name: &'static str) {
         eprintln!("failpoint {name} (pass {}): aborting", a.at);
         std::process::abort();
     }
+}
+
+/// Whether `name` is armed and this is the armed pass: for the points that
+/// change behaviour instead of aborting.
+pub fn fires(name: &'static str) -> bool {
+    debug_assert!(NAMES.contains(&name), "unlisted failpoint {name}");
+    armed().is_some_and(|a| a.name == name && a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at)
 }
 
 /// The environment variable that makes a store write refuse chosen rows, as a

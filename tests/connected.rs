@@ -714,6 +714,31 @@ async fn abort_just_before_a_commit() {
     abort_at("commit.before", 1).await;
 }
 
+/// A fetch that stops while the runner believes its partitions flow: the
+/// `consumer.wedge` failpoint pauses them inside librdkafka only, after the
+/// second poll that handed out records. The runner's stall watch must find
+/// records waiting at the position (a look from outside the consumer),
+/// restart the fetch there, and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_fetch_is_found_and_restarted_and_nothing_is_lost() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("wedge", 3, |t| t.replace("max_records = 500", "max_records = 200")).await;
+    let w = Workload::new("wedge", 1_500, 300, 30);
+    s.produce(&w.inputs).await;
+    let mut child = s.spawn("p", &[(hartonomous::failpoint::ENV, "consumer.wedge@2")]);
+    wait_for("wedge: the consumer wedged", Duration::from_secs(90), || async { s.log("p").contains("failpoint consumer.wedge") }).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !s.stored_everything(&w.expected).await {
+        assert!(child.try_wait().unwrap().is_none(), "wedge: the processor stopped:\n{}", s.tail("p"));
+        assert!(Instant::now() < deadline, "wedge: not everything stored 180 s after the wedge; the group's lag:\n{}\nthe log ends:\n{}", s.lag_table(), s.tail("p"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let status = terminate(&mut child);
+    assert!(status.success(), "wedge: {status}\n{}", s.tail("p"));
+    assert!(s.log("p").contains("restarted their fetch"), "wedge: the restart is logged:\n{}", s.tail("p"));
+    s.outputs(&w.expected).await.check(&w.expected, "wedge");
+}
+
 /// An outage of `service` for `down` while records keep arriving: the
 /// processor lives, pauses, resumes and loses nothing, within bounded memory.
 async fn outage(name: &str, services_down: &[(&str, Duration, Duration)]) {

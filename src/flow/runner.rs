@@ -22,7 +22,7 @@ use super::window::{Window, WindowConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterArchive};
 use crate::log::{LogConsumer, LogError, LogProducer, PollLimit};
 use crate::ops::events::{
-    CommitFailing, CommitsRecovered, DeadLetterTruncated, DrainTimedOut, Event, FatalStop, Idle, NoProgress, PartitionsPaused, PartitionsResumed, ShutdownRequested,
+    CommitFailing, CommitsRecovered, DeadLetterTruncated, DrainTimedOut, Event, FatalStop, FetchRestarted, Idle, NoProgress, PartitionsPaused, PartitionsResumed, ShutdownRequested,
 };
 use crate::outcome::{Classify, ErrorClass, Fatal};
 use crate::record::TopicPartition;
@@ -153,6 +153,8 @@ where
     let mut last_commit = clock.now_ms();
     let mut last_gauges: Option<i64> = None;
     let mut stall = StallWatch::new(clock.now_ms());
+    // A check for a wedged fetch, running beside the loop (see `StallWatch::wants_unstick`).
+    let mut unsticking: Option<tokio::task::JoinHandle<Result<Vec<(TopicPartition, i64)>, LogError>>> = None;
     // Event time of the newest record handed out per partition (lag in seconds).
     let mut newest: BTreeMap<TopicPartition, i64> = BTreeMap::new();
     metrics.started_ms.store(clock.now_ms(), Ordering::Relaxed);
@@ -202,6 +204,17 @@ where
                     ctx.breakers.open(clock.now_ms())
                 )
             });
+        }
+
+        if unsticking.as_ref().is_some_and(|h| h.is_finished()) {
+            match unsticking.take().expect("present").await {
+                Ok(Ok(parts)) if !parts.is_empty() => FetchRestarted { partitions: &parts, idle_s: stall.idle_s(clock.now_ms()) }.emit(),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "checking partitions for a wedged fetch failed"),
+                Err(e) => tracing::warn!(error = %e, "the wedged-fetch check panicked"),
+            }
+        } else if unsticking.is_none() && !paused && stall.wants_unstick(clock.now_ms()) {
+            unsticking = Some(tokio::spawn(consumer.unstick()));
         }
 
         let now = clock.now_ms();
@@ -324,19 +337,39 @@ where
 struct StallWatch {
     last_record_ms: i64,
     last_warned_ms: Option<i64>,
+    last_unstick_ms: Option<i64>,
 }
 
 impl StallWatch {
     const AFTER_MS: i64 = 20_000;
     const EVERY_MS: i64 = 30_000;
+    /// A consumer that has polled nothing for this long while not paused is
+    /// checked from outside for records waiting at its position
+    /// (`LogConsumer::unstick`), then again at most every `UNSTICK_EVERY_MS`.
+    /// Once a caught-up consumer idles, that is one short look per minute.
+    const UNSTICK_AFTER_MS: i64 = 30_000;
+    const UNSTICK_EVERY_MS: i64 = 60_000;
 
     fn new(now_ms: i64) -> Self {
-        Self { last_record_ms: now_ms, last_warned_ms: None }
+        Self { last_record_ms: now_ms, last_warned_ms: None, last_unstick_ms: None }
     }
 
     fn progressed(&mut self, now_ms: i64) {
         self.last_record_ms = now_ms;
         self.last_warned_ms = None;
+        self.last_unstick_ms = None;
+    }
+
+    fn idle_s(&self, now_ms: i64) -> i64 {
+        (now_ms - self.last_record_ms) / 1000
+    }
+
+    fn wants_unstick(&mut self, now_ms: i64) -> bool {
+        let due = now_ms - self.last_record_ms >= Self::UNSTICK_AFTER_MS && self.last_unstick_ms.is_none_or(|t| now_ms - t >= Self::UNSTICK_EVERY_MS);
+        if due {
+            self.last_unstick_ms = Some(now_ms);
+        }
+        due
     }
 
     fn check<C: LogConsumer>(&mut self, consumer: &C, now_ms: i64, runner_state: impl FnOnce() -> String) {

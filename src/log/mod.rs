@@ -76,6 +76,18 @@ pub trait LogConsumer: Send + 'static {
         String::new()
     }
 
+    /// Called by the runner when nothing has been polled for a long while
+    /// although the partitions are not paused: checks, from outside this
+    /// consumer, whether records wait at or after this consumer's position in
+    /// an assigned partition, and if so restarts its fetch there (a seek to
+    /// the position: nothing is skipped, a record already handed out is not
+    /// handed out twice). Returns the partitions restarted with their
+    /// positions. The future borrows nothing, so the runner keeps polling
+    /// while it runs. Logs that cannot wedge (the embedded log) do nothing.
+    fn unstick(&self) -> BoxFuture<'static, Result<Vec<(TopicPartition, i64)>, LogError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
     /// Installs the handler called when the group takes partitions away from
     /// this consumer. Logs without consumer groups (the embedded log) never
     /// call it, hence the default.

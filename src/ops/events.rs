@@ -127,6 +127,27 @@ impl Event for Idle<'_> {
     }
 }
 
+/// Records waited at the position of partitions that received nothing for
+/// a long while although they were not paused; their fetch was restarted
+/// there (a seek to the position). Should never happen; if it does, it says
+/// which partitions.
+pub struct FetchRestarted<'a> {
+    pub partitions: &'a [(crate::record::TopicPartition, i64)],
+    pub idle_s: i64,
+}
+
+impl Event for FetchRestarted<'_> {
+    fn emit(&self) {
+        let parts: Vec<String> = self.partitions.iter().map(|(tp, o)| format!("{tp}@{o}")).collect();
+        tracing::warn!(
+            target: "hartonomous::events",
+            partitions = ?parts,
+            idle_s = self.idle_s,
+            "records wait at the position of partitions that received nothing although not paused: restarted their fetch there"
+        );
+    }
+}
+
 /// A stage or the acker stopped the topology.
 pub struct FatalStop<'a> {
     pub stage: &'a str,

@@ -212,6 +212,8 @@ impl KafkaContext {
 pub struct KafkaConsumer {
     consumer: Arc<StreamConsumer<KafkaContext>>,
     shared: Arc<Shared>,
+    /// For [`LogConsumer::unstick`]'s look from outside.
+    config: KafkaConfig,
     topics: Vec<String>,
     /// An error met after records were collected, returned by the next poll.
     deferred: Option<LogError>,
@@ -257,7 +259,7 @@ impl KafkaConsumer {
             .create_with_context(KafkaContext { shared: shared.clone() })
             .map_err(|e| with_context(classify(&e), "creating the kafka consumer"))?;
         consumer.subscribe(topics).map_err(|e| with_context(classify(&e), &format!("subscribing to {topics:?}")))?;
-        Ok(Self { consumer: Arc::new(consumer), shared, topics: topics.iter().map(|t| t.to_string()).collect(), deferred: None })
+        Ok(Self { consumer: Arc::new(consumer), shared, config: config.clone(), topics: topics.iter().map(|t| t.to_string()).collect(), deferred: None })
     }
 
     pub fn group(&self) -> &str {
@@ -429,6 +431,13 @@ impl KafkaConsumer {
             }
         }
         self.revalidate(&mut out, generation);
+        if !out.is_empty() && crate::failpoint::fires("consumer.wedge") {
+            let assigned: Vec<TopicPartition> = self.shared.state().assigned.keys().cloned().collect();
+            if let Ok(tpl) = tpl_of(assigned.into_iter().map(|tp| (tp, None))) {
+                let _ = self.consumer.pause(&tpl);
+                eprintln!("failpoint consumer.wedge: partitions paused inside librdkafka only");
+            }
+        }
         match failed {
             Some(e) if out.is_empty() => Err(e),
             Some(e) => {
@@ -600,6 +609,58 @@ impl LogConsumer for KafkaConsumer {
             })
             .collect();
         format!("generation {}; {}", self.shared.generation.load(Ordering::Acquire), parts.join("; "))
+    }
+
+    fn unstick(&self) -> BoxFuture<'static, Result<Vec<(TopicPartition, i64)>, LogError>> {
+        let at: Vec<(TopicPartition, i64)> = {
+            let positions = self.positions();
+            let st = self.shared.state();
+            positions.into_iter().filter(|(tp, _)| !st.paused.contains(tp)).map(|(tp, p)| (tp, p.next)).collect()
+        };
+        let (config, consumer, shared) = (self.config.clone(), self.consumer.clone(), self.shared.clone());
+        Box::pin(async move {
+            if at.is_empty() {
+                return Ok(Vec::new());
+            }
+            let generation = shared.generation.load(Ordering::Acquire);
+            tokio::task::spawn_blocking(move || -> Result<Vec<(TopicPartition, i64)>, LogError> {
+                let waiting = super::probe::records_at(&config, &at)?;
+                let sought: Vec<(TopicPartition, i64)> = at
+                    .into_iter()
+                    .filter(|(tp, _)| waiting.contains(tp))
+                    // Only partitions this consumer still owns, at the position it had.
+                    .filter(|_| shared.generation.load(Ordering::Acquire) == generation)
+                    // Resume too: a pause librdkafka kept while this consumer
+                    // forgot it (confluentinc/librdkafka#1849) stops a fetch
+                    // as surely as a wedged fetcher; neither is meant here,
+                    // since only partitions not paused here are looked at.
+                    .filter(|(tp, _)| {
+                        let mut one = TopicPartitionList::new();
+                        let resumed = one.add_partition_offset(&tp.topic, tp.partition, Offset::Invalid).and_then(|_| consumer.resume(&one));
+                        if let Err(e) = resumed {
+                            tracing::warn!(partition = %tp, error = %e, "resuming a stuck partition failed");
+                        }
+                        true
+                    })
+                    .filter(|(tp, next)| match consumer.seek(&tp.topic, tp.partition, Offset::Offset(*next), Duration::from_secs(10)) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(partition = %tp, offset = next, error = %e, "seeking a stuck partition to its position failed");
+                            false
+                        }
+                    })
+                    .collect();
+                // The seek drops what librdkafka had fetched; what was held
+                // here is fetched again, so it is forgotten too.
+                let mut st = shared.state();
+                for (tp, _) in &sought {
+                    st.held.remove(tp);
+                }
+                Ok(sought)
+            })
+            .await
+            .map_err(|e| LogError::Fatal(format!("unstick task failed: {e}")))?
+        })
     }
 
     fn set_revoke_handler(&mut self, handler: RevokeHandler) {

@@ -23,6 +23,7 @@ mod consumer;
 mod error;
 mod lag;
 mod offsets;
+mod probe;
 mod producer;
 mod range;
 mod scan;
