@@ -165,6 +165,19 @@ pub async fn run_kafka(
     listen: crate::ops::Listen,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<Summary> {
+    run_kafka_with(profile, spec, listen, Until::Shutdown, shutdown, |c| c).await
+}
+
+/// [`run_kafka`], ending at `until`, with the Kafka consumer wrapped by
+/// `wrap` (a sandbox replay bounds it to a range).
+pub async fn run_kafka_with<C: crate::log::LogConsumer>(
+    profile: &Profile,
+    spec: &TopologySpec,
+    listen: crate::ops::Listen,
+    until: Until,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    wrap: impl FnOnce(KafkaConsumer) -> C,
+) -> anyhow::Result<Summary> {
     let LogProfile::Kafka(kafka) = &profile.log else {
         anyhow::bail!("this profile's log is not Kafka; `run` without --input needs `[log] kind = \"kafka\"`");
     };
@@ -208,8 +221,8 @@ pub async fn run_kafka(
         breakers,
         cassette: None,
     };
-    let consumer = KafkaConsumer::new(kafka, &spec.group(), &[spec.source.topic.as_str()])?;
-    let report = topology::run(spec, &deps, consumer, Until::Shutdown, shutdown).await;
+    let consumer = wrap(KafkaConsumer::new(kafka, &spec.group(), &[spec.source.topic.as_str()])?);
+    let report = topology::run(spec, &deps, consumer, until, shutdown).await;
     if let Some(task) = ops {
         task.abort();
     }

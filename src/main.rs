@@ -102,12 +102,27 @@ enum Command {
     /// and write or compare every output: the store's tables, each output
     /// topic and the dead letters, as sorted files. Two replays of one file
     /// write the same bytes. Exits with 1 when --expect finds a difference.
+    /// Without --input (Kafka profile): replay a range of the source topic
+    /// (--from, --to, --partition) into --sandbox NAME: outputs to topics
+    /// suffixed `.sandbox.NAME`, a group and a ClickHouse database of their own.
     Replay {
         /// A bundled topology's name, or the path of a declaration file.
         #[arg(long, default_value = "atom-ingestion", value_name = "NAME|FILE")]
         topology: String,
+        #[arg(long, required_unless_present = "sandbox", conflicts_with = "sandbox")]
+        input: Option<PathBuf>,
+        /// Replay from Kafka into this sandbox (with --from/--to/--partition).
+        #[arg(long, requires = "from")]
+        sandbox: Option<String>,
+        /// Sandbox replays: the first offset or time (RFC 3339 or ms:EPOCH_MILLIS).
+        #[arg(long, value_name = "OFFSET|TIME")]
+        from: Option<hartonomous::log::kafka::Bound>,
+        /// Sandbox replays: where to stop (exclusive). Default: the partition's end now.
+        #[arg(long, value_name = "OFFSET|TIME")]
+        to: Option<hartonomous::log::kafka::Bound>,
+        /// Sandbox replays: only this partition (repeatable).
         #[arg(long)]
-        input: PathBuf,
+        partition: Vec<i32>,
         /// Write the outputs under this directory (tables/, topics/).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -449,7 +464,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let summary = record(k.clone(), registry, topic, partition, from, to, out).await?;
             println!("{summary}");
         }
-        Command::Replay { topology: name, input, out, expect, now_ms, cassette, on_missing } => {
+        Command::Replay { topology: name, input: None, sandbox: Some(sandbox), from, to, partition, .. } => {
+            let profile = Profile::load(cli.connectors.as_deref())?;
+            let spec = topology::resolve(&name)?;
+            let started = std::time::Instant::now();
+            let r = hartonomous::replay::sandbox::replay_kafka(&profile, &spec, &sandbox, &partition, from, to).await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!("{}", r.summary.render());
+            let records: i64 = r.ranges.values().map(|(a, b)| b - a).sum();
+            println!("\nreplayed {records} records of {} into sandbox `{sandbox}` in {secs:.2} s ({:.0} records/s, group join included)", spec.source.topic, records as f64 / secs.max(1e-9));
+            for (tp, (a, b)) in &r.ranges {
+                println!("  {tp}: offsets [{a}, {b})");
+            }
+            println!("outputs: topics {:?}, dead letters {}, group {}", r.spec.topology()?.outputs(&r.spec).into_iter().map(|(t, _)| t).collect::<Vec<_>>(), r.spec.dead_letter.topic, r.spec.group());
+            match &r.profile.store {
+                StoreProfile::Clickhouse(c) => println!("store: ClickHouse database {}", c.database),
+                StoreProfile::Embedded(_) => println!("store: {}", r.profile.data_dir().display()),
+            }
+        }
+        Command::Replay { input: None, .. } => anyhow::bail!("replay needs --input FILE, or --sandbox NAME with --from (Kafka)"),
+        Command::Replay { topology: name, input: Some(input), out, expect, now_ms, cassette, on_missing, .. } => {
             use hartonomous::replay::cassette::{Cassette, Mode};
             let profile = Profile::load(cli.connectors.as_deref())?;
             let spec = topology::resolve(&name)?;

@@ -32,7 +32,7 @@ use hartonomous::avro::{self, FileRegistry, Schemas};
 use hartonomous::dead_letter;
 use hartonomous::log::kafka::{KafkaConfig, KafkaProducer};
 use hartonomous::log::LogProducer;
-use hartonomous::record::{Headers, OutgoingRecord, Record};
+use hartonomous::record::{Headers, OutgoingRecord, Record, TopicPartition};
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -737,6 +737,71 @@ async fn a_wedged_fetch_is_found_and_restarted_and_nothing_is_lost() {
     assert!(status.success(), "wedge: {status}\n{}", s.tail("p"));
     assert!(s.log("p").contains("restarted their fetch"), "wedge: the restart is logged:\n{}", s.tail("p"));
     s.outputs(&w.expected).await.check(&w.expected, "wedge");
+}
+
+/// `replay --sandbox`: an offset range of one partition runs through the
+/// topology into suffixed topics, a group and a database of its own, with
+/// exactly the records of the range; the production tables, output topic,
+/// dead-letter topic and committed offsets do not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_replay_processes_exactly_its_range_and_leaves_production_alone() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("sandbox", 3, |t| t).await;
+    let w = Workload::new("sandbox", 600, 60, 12);
+    s.produce(&w.inputs).await;
+    finish_and_check(&s, &w.expected, "prod", "sandbox: production").await;
+    let tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new(s.topic.as_str(), p)).collect();
+    let committed = hartonomous::log::kafka::group_committed(&kafka_config(), &s.group, &tps).await.unwrap();
+    let counts = |db: String| async move {
+        let mut c = ClickHouseConfig::new(clickhouse_url(), db);
+        c.migrate_on_start = false;
+        let store = ClickHouseStore::connect(c).await.unwrap();
+        let mut out = Vec::new();
+        for t in ["atoms", "atom_arrivals", "dead_letters"] {
+            out.push(store.query_scalar_u64(&format!("SELECT count() FROM {t}")).await.unwrap());
+        }
+        out
+    };
+    let before = counts(s.database.clone()).await;
+    let events_before = s.read_topic(&s.out, 660).await.len();
+    let letters_before = s.read_topic(&s.dlq, 12).await.len();
+
+    let o = Command::new(env!("CARGO_BIN_EXE_hartonomous"))
+        .args(["--connectors", s.profile.to_str().unwrap(), "replay", "--topology", s.topology.to_str().unwrap()])
+        .args(["--sandbox", "t1", "--partition", "1", "--from", "20", "--to", "70"])
+        .output()
+        .unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}\n{err}");
+    eprintln!("{out}");
+    assert!(out.contains("replayed 50 records") && out.contains("offsets [20, 70)"), "{out}");
+
+    // The sandbox: exactly partition 1's offsets 20..70, answered on the suffixed topic.
+    let sandbox_db = format!("{}_sandbox_t1", s.database);
+    let mut c = ClickHouseConfig::new(clickhouse_url(), sandbox_db.clone());
+    c.migrate_on_start = false;
+    let sandbox = ClickHouseStore::connect(c).await.unwrap();
+    let positions = sandbox.query_text("SELECT source_partition, source_offset FROM atom_arrivals ORDER BY source_offset FORMAT TabSeparated").await.unwrap();
+    let letters = sandbox.query_text("SELECT source_partition, source_offset FROM dead_letters ORDER BY source_offset FORMAT TabSeparated").await.unwrap();
+    let mut seen: Vec<i64> = Vec::new();
+    for line in positions.lines().chain(letters.lines()) {
+        let (p, o) = line.split_once('\t').unwrap();
+        assert_eq!(p, "1", "only partition 1: {line}");
+        seen.push(o.parse().unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, (20..70).collect::<Vec<i64>>(), "every record of the range, each once, and nothing else");
+    let arrivals = positions.lines().count();
+    let events = s.read_topic(&format!("{}.sandbox.t1", s.out), arrivals).await;
+    assert_eq!(events.len(), arrivals, "every replayed request answered on the sandbox topic");
+    let sandbox_letters = s.read_topic(&format!("{}.sandbox.t1", s.dlq), letters.lines().count()).await;
+    assert_eq!(sandbox_letters.len(), letters.lines().count());
+
+    // Production: unchanged.
+    assert_eq!(counts(s.database.clone()).await, before, "production tables");
+    assert_eq!(s.read_topic(&s.out, events_before).await.len(), events_before, "production output topic");
+    assert_eq!(s.read_topic(&s.dlq, letters_before).await.len(), letters_before, "production dead-letter topic");
+    assert_eq!(hartonomous::log::kafka::group_committed(&kafka_config(), &s.group, &tps).await.unwrap(), committed, "production group offsets");
 }
 
 /// An outage of `service` for `down` while records keep arriving: the

@@ -20,6 +20,7 @@
 pub mod cassette;
 pub mod outputs;
 pub mod recording;
+pub mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
