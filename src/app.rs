@@ -65,18 +65,7 @@ impl Embedded {
             self.log.append(r);
         }
         let metrics = Arc::new(Metrics::new(&spec.name));
-        let deps = Deps {
-            producer: Arc::new(self.log.producer()),
-            registry: self.registry.clone(),
-            store: self.store.clone(),
-            inference: self.store.clone(),
-            scan: Arc::new(self.log.clone()),
-            embedder: self.embedder.clone(),
-            clock: self.clock.clone(),
-            metrics: metrics.clone(),
-            breakers: Default::default(),
-            cassette: self.cassette.clone(),
-        };
+        let deps = self.deps(metrics.clone());
         let consumer = self.log.consumer(&spec.group(), &[spec.source.topic.as_str()]);
         let report = topology::run(spec, &deps, consumer, Until::Drained, std::future::pending()).await?;
         Ok(Summary::new(&spec.name, &metrics, report))
@@ -84,19 +73,101 @@ impl Embedded {
 }
 
 impl Embedded {
-    /// [`run_to_end`](Self::run_to_end), then every bundled topology that
-    /// reads what it wrote (such as `inference-compensation` after
-    /// `ensemble-inference`), each until drained, since the embedded log
-    /// lives only as long as this process. Summaries in the order run.
-    pub async fn run_chain_to_end(&self, spec: &TopologySpec, records: Vec<OutgoingRecord>) -> anyhow::Result<Vec<Summary>> {
-        let mut summaries = vec![self.run_to_end(spec, records).await?];
+    /// Runs the topology while `records` are appended to its source topic one
+    /// by one, until they are all processed. The feed holds at most a bounded
+    /// backlog of records the topology has not committed (committed ones are
+    /// released), so memory does not grow with the input. A feed error stops
+    /// the feed; what was appended is processed, then the error is returned.
+    pub async fn run_feed<E: std::fmt::Display>(&self, spec: &TopologySpec, records: impl Iterator<Item = Result<OutgoingRecord, E>>) -> anyhow::Result<Summary> {
+        self.register_schemas(spec)?;
+        let topic = spec.source.topic.clone();
+        let group = spec.group();
+        self.log.create_topic(&topic, spec.source.partitions);
+        for (t, _schema) in spec.topology()?.outputs(spec) {
+            self.log.create_topic(&t, spec.source.partitions);
+        }
+        self.log.open_feed(&topic);
+        let metrics = Arc::new(Metrics::new(&spec.name));
+        let deps = self.deps(metrics.clone());
+        let consumer = self.log.consumer(&group, &[topic.as_str()]);
+        // Room for what is in flight, a window being filled and a commit
+        // interval's worth of finished records not committed yet.
+        let bound = (2 * spec.limits.in_flight_records + 2 * spec.window.max_records).max(10_000) as i64;
+        let feed = async {
+            let mut fed = 0u64;
+            let mut failed = None;
+            for r in records {
+                match r {
+                    Ok(r) => self.log.append(r),
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                };
+                fed += 1;
+                if fed % 1024 == 0 {
+                    self.log.release(&topic, &group);
+                    while self.log.backlog(&topic, &group) > bound {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        self.log.release(&topic, &group);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            self.log.seal(&topic);
+            failed
+        };
+        let (report, failed) = tokio::join!(topology::run(spec, &deps, consumer, Until::Drained, std::future::pending()), feed);
+        let report = report?;
+        if let Some(e) = failed {
+            anyhow::bail!("{e} (the records before it were processed)");
+        }
+        Ok(Summary::new(&spec.name, &metrics, report))
+    }
+
+    /// [`run_feed`](Self::run_feed), then every bundled topology that reads
+    /// what it wrote, as [`run_chain_to_end`](Self::run_chain_to_end) does.
+    pub async fn run_chain_feed<E: std::fmt::Display>(&self, spec: &TopologySpec, records: impl Iterator<Item = Result<OutgoingRecord, E>>) -> anyhow::Result<Vec<Summary>> {
+        let mut summaries = vec![self.run_feed(spec, records).await?];
+        summaries.extend(self.run_followers(spec).await?);
+        Ok(summaries)
+    }
+
+    /// Every bundled topology, other than `spec`'s, that reads one of its outputs, each until drained.
+    async fn run_followers(&self, spec: &TopologySpec) -> anyhow::Result<Vec<Summary>> {
         let outputs: Vec<String> = spec.topology()?.outputs(spec).into_iter().map(|(t, _)| t).collect();
+        let mut summaries = Vec::new();
         for t in topology::TOPOLOGIES {
             let next = topology::bundled(t.name())?;
             if next.name != spec.name && outputs.contains(&next.source.topic) {
                 summaries.push(self.run_to_end(&next, Vec::new()).await?);
             }
         }
+        Ok(summaries)
+    }
+
+    fn deps(&self, metrics: Arc<Metrics>) -> Deps {
+        Deps {
+            producer: Arc::new(self.log.producer()),
+            registry: self.registry.clone(),
+            store: self.store.clone(),
+            inference: self.store.clone(),
+            scan: Arc::new(self.log.clone()),
+            embedder: self.embedder.clone(),
+            clock: self.clock.clone(),
+            metrics,
+            breakers: Default::default(),
+            cassette: self.cassette.clone(),
+        }
+    }
+
+    /// [`run_to_end`](Self::run_to_end), then every bundled topology that
+    /// reads what it wrote (such as `inference-compensation` after
+    /// `ensemble-inference`), each until drained, since the embedded log
+    /// lives only as long as this process. Summaries in the order run.
+    pub async fn run_chain_to_end(&self, spec: &TopologySpec, records: Vec<OutgoingRecord>) -> anyhow::Result<Vec<Summary>> {
+        let mut summaries = vec![self.run_to_end(spec, records).await?];
+        summaries.extend(self.run_followers(spec).await?);
         Ok(summaries)
     }
 }

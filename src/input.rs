@@ -51,15 +51,79 @@ pub fn json_lines(bytes: &[u8], topic: &str) -> Vec<OutgoingRecord> {
         .split(|b| *b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
         .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
-        .map(|line| {
-            let key = serde_json::from_slice::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("correlation_id").and_then(|c| c.as_str()).map(|s| s.as_bytes().to_vec()));
-            let mut headers = Headers::new();
-            headers.insert("content-type", JSON_CONTENT_TYPE);
-            OutgoingRecord { topic: topic.to_string(), partition: None, key, payload: line.to_vec(), headers, event_time_ms: None }
-        })
+        .map(|line| json_line(line, topic))
         .collect()
+}
+
+fn json_line(line: &[u8], topic: &str) -> OutgoingRecord {
+    let key = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("correlation_id").and_then(|c| c.as_str()).map(|s| s.as_bytes().to_vec()));
+    let mut headers = Headers::new();
+    headers.insert("content-type", JSON_CONTENT_TYPE);
+    OutgoingRecord { topic: topic.to_string(), partition: None, key, payload: line.to_vec(), headers, event_time_ms: None }
+}
+
+/// Records read from an input file one at a time.
+pub type RecordStream = Box<dyn Iterator<Item = Result<OutgoingRecord, InputError>> + Send>;
+
+/// [`read`], one record at a time: memory does not grow with the file.
+pub fn stream(path: &Path, topic: &str) -> Result<RecordStream, InputError> {
+    use std::io::{BufRead, Read};
+    let file = path.display().to_string();
+    let io = |source| InputError::Io { file: file.clone(), source };
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let head = reader.fill_buf().map_err(io)?.to_vec();
+    let topic = topic.to_string();
+    if head.starts_with(WIRE_MAGIC) {
+        reader.consume(WIRE_MAGIC.len());
+        let mut index = 0usize;
+        let next = move || -> Option<Result<OutgoingRecord, InputError>> {
+            let cut = |what: &str| Some(Err(InputError::Format { file: file.clone(), message: format!("record {index}: {what} cut short") }));
+            let mut len = [0u8; 4];
+            match reader.read_exact(&mut len) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+                Err(e) => return Some(Err(InputError::Io { file: file.clone(), source: e })),
+            }
+            let klen = u32::from_be_bytes(len);
+            let key = if klen == u32::MAX {
+                None
+            } else {
+                let mut k = vec![0; klen as usize];
+                if reader.read_exact(&mut k).is_err() {
+                    return cut("key");
+                }
+                Some(k)
+            };
+            if reader.read_exact(&mut len).is_err() {
+                return cut("payload length");
+            }
+            let mut payload = vec![0; u32::from_be_bytes(len) as usize];
+            if reader.read_exact(&mut payload).is_err() {
+                return cut("payload");
+            }
+            index += 1;
+            Some(Ok(OutgoingRecord { topic: topic.clone(), partition: None, key, payload, headers: Headers::new(), event_time_ms: None }))
+        };
+        return Ok(Box::new(std::iter::from_fn(next)));
+    }
+    let is_json_ext = matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "json" | "ndjson"));
+    let first = head.iter().find(|b| !b.is_ascii_whitespace());
+    if !(is_json_ext || first == Some(&b'{')) {
+        return Err(InputError::Format {
+            file,
+            message: "is neither JSON lines nor framed wire records (which start with `HRTN-WIRE1`); see `hartonomous produce --help`".into(),
+        });
+    }
+    let lines = reader.split(b'\n').filter_map(move |line| match line {
+        Err(source) => Some(Err(InputError::Io { file: file.clone(), source })),
+        Ok(l) => {
+            let l = l.strip_suffix(b"\r").unwrap_or(&l);
+            l.iter().any(|b| !b.is_ascii_whitespace()).then(|| Ok(json_line(l, &topic)))
+        }
+    });
+    Ok(Box::new(lines))
 }
 
 fn read_wire(mut bytes: &[u8], topic: &str) -> Result<Vec<OutgoingRecord>, String> {
@@ -125,5 +189,23 @@ mod tests {
 
         std::fs::write(&p, [WIRE_MAGIC, &[0, 0, 0, 9][..]].concat()).unwrap();
         assert!(read(&p, "t").unwrap_err().to_string().contains("cut short"));
+        assert!(stream(&p, "t").unwrap().next().unwrap().unwrap_err().to_string().contains("cut short"));
+    }
+
+    #[test]
+    fn streaming_reads_what_read_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.wire");
+        write_wire(&p, &[(Some(b"k".to_vec()), vec![0, 1, 2]), (None, vec![])]).unwrap();
+        let streamed: Vec<OutgoingRecord> = stream(&p, "t").unwrap().map(Result::unwrap).collect();
+        assert_eq!(streamed, read(&p, "t").unwrap());
+        let j = dir.path().join("x.jsonl");
+        std::fs::write(&j, "{\"correlation_id\":\"c1\"}\r\n\n  \nnot json\n{}").unwrap();
+        let streamed: Vec<OutgoingRecord> = stream(&j, "t").unwrap().map(Result::unwrap).collect();
+        assert_eq!(streamed, read(&j, "t").unwrap());
+        assert_eq!(streamed.len(), 3);
+        let bad = dir.path().join("x.bin");
+        std::fs::write(&bad, [1u8, 2, 3]).unwrap();
+        assert!(stream(&bad, "t").is_err());
     }
 }

@@ -438,9 +438,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let spec = topology::resolve(&name)?;
             match (input, &profile.log) {
                 (Some(input), LogProfile::Embedded(_)) => {
-                    let records = hartonomous::input::read(&input, &spec.source.topic)?;
+                    let records = hartonomous::input::stream(&input, &spec.source.topic)?;
                     let app = Embedded::open(&profile, clock::system())?;
-                    for summary in app.run_chain_to_end(&spec, records).await? {
+                    for summary in app.run_chain_feed(&spec, records).await? {
                         println!("{}", summary.render());
                     }
                 }

@@ -23,25 +23,51 @@ pub struct EmbeddedLog {
 struct Inner {
     state: Mutex<State>,
     appended: Notify,
+    committed: Notify,
     clock: SharedClock,
+}
+
+/// One partition: its records from offset `base` on. Records below `base`
+/// were released ([`EmbeddedLog::release`]) after their group committed them.
+#[derive(Default, Clone)]
+struct Part {
+    base: i64,
+    records: std::collections::VecDeque<Record>,
+}
+
+impl Part {
+    /// One past the last offset.
+    fn end(&self) -> i64 {
+        self.base + self.records.len() as i64
+    }
+
+    fn get(&self, offset: i64) -> Option<&Record> {
+        if offset < self.base {
+            return None;
+        }
+        self.records.get((offset - self.base) as usize)
+    }
 }
 
 #[derive(Default)]
 struct State {
-    topics: HashMap<String, Vec<Vec<Record>>>,
+    topics: HashMap<String, Vec<Part>>,
     committed: HashMap<(String, TopicPartition), i64>,
     round_robin: u64,
+    /// Topics still being fed ([`EmbeddedLog::open_feed`]): their end is not
+    /// known yet, so no consumer of them counts as caught up.
+    feeding: std::collections::HashSet<String>,
 }
 
 impl EmbeddedLog {
     pub fn new(clock: SharedClock) -> Self {
-        Self { inner: Arc::new(Inner { state: Mutex::default(), appended: Notify::new(), clock }) }
+        Self { inner: Arc::new(Inner { state: Mutex::default(), appended: Notify::new(), committed: Notify::new(), clock }) }
     }
 
     /// Creates `topic` with `partitions` partitions; a no-op if it exists.
     pub fn create_topic(&self, topic: &str, partitions: i32) {
         let mut s = self.inner.state.lock().unwrap();
-        s.topics.entry(topic.to_string()).or_insert_with(|| vec![Vec::new(); partitions.max(1) as usize]);
+        s.topics.entry(topic.to_string()).or_insert_with(|| vec![Part::default(); partitions.max(1) as usize]);
     }
 
     pub fn partitions(&self, topic: &str) -> Option<i32> {
@@ -57,16 +83,16 @@ impl EmbeddedLog {
             let mut s = self.inner.state.lock().unwrap();
             let rr = s.round_robin;
             s.round_robin += 1;
-            let parts = s.topics.entry(rec.topic.clone()).or_insert_with(|| vec![Vec::new()]);
+            let parts = s.topics.entry(rec.topic.clone()).or_insert_with(|| vec![Part::default()]);
             let n = parts.len() as u64;
             let p = match (rec.partition, &rec.key) {
                 (Some(p), _) => (p.max(0) as u64 % n) as usize,
                 (None, Some(k)) => (fnv1a(k) % n) as usize,
                 (None, None) => (rr % n) as usize,
             };
-            let offset = parts[p].len() as i64;
+            let offset = parts[p].end();
             let position = Position { tp: TopicPartition::new(rec.topic.as_str(), p as i32), offset };
-            parts[p].push(Record {
+            parts[p].records.push_back(Record {
                 position: position.clone(),
                 key: rec.key,
                 payload: rec.payload,
@@ -79,10 +105,60 @@ impl EmbeddedLog {
         pos
     }
 
-    /// Every record of `topic`, partition by partition, in offset order.
+    /// Every record of `topic` still held, partition by partition, in offset order.
     pub fn records(&self, topic: &str) -> Vec<Record> {
         let s = self.inner.state.lock().unwrap();
-        s.topics.get(topic).map(|ps| ps.iter().flatten().cloned().collect()).unwrap_or_default()
+        s.topics.get(topic).map(|ps| ps.iter().flat_map(|p| p.records.iter()).cloned().collect()).unwrap_or_default()
+    }
+
+    /// Marks `topic` as being fed: until [`seal`](Self::seal), its end is
+    /// unknown, so a run `Until::Drained` over it does not end when it
+    /// catches up with what was appended so far.
+    pub fn open_feed(&self, topic: &str) {
+        self.inner.state.lock().unwrap().feeding.insert(topic.to_string());
+    }
+
+    /// Ends [`open_feed`](Self::open_feed): everything is appended.
+    pub fn seal(&self, topic: &str) {
+        self.inner.state.lock().unwrap().feeding.remove(topic);
+        self.inner.appended.notify_waiters();
+    }
+
+    /// Records of `topic` appended but not yet committed by `group`.
+    pub fn backlog(&self, topic: &str, group: &str) -> i64 {
+        let s = self.inner.state.lock().unwrap();
+        let Some(parts) = s.topics.get(topic) else { return 0 };
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p.end() - s.committed.get(&(group.to_string(), TopicPartition::new(topic, i as i32))).copied().unwrap_or(0).max(p.base))
+            .sum()
+    }
+
+    /// Drops the records of `topic` that `group` has committed, so a feed of
+    /// any length holds only what is not processed yet. Their offsets stay
+    /// taken; reading below the first held record starts at it.
+    pub fn release(&self, topic: &str, group: &str) {
+        let mut s = self.inner.state.lock().unwrap();
+        let committed: Vec<i64> = match s.topics.get(topic) {
+            Some(parts) => (0..parts.len()).map(|i| s.committed.get(&(group.to_string(), TopicPartition::new(topic, i as i32))).copied().unwrap_or(0)).collect(),
+            None => return,
+        };
+        let parts = s.topics.get_mut(topic).expect("checked");
+        for (p, upto) in parts.iter_mut().zip(committed) {
+            while p.base < upto && p.records.pop_front().is_some() {
+                p.base += 1;
+            }
+        }
+    }
+
+    /// Waits until some group commits (or `timeout` passes on the log's clock).
+    pub async fn commit_or(&self, timeout: Duration) {
+        let notified = self.inner.committed.notified();
+        tokio::select! {
+            _ = notified => {}
+            _ = self.inner.clock.sleep(timeout) => {}
+        }
     }
 
     pub fn committed(&self, group: &str, tp: &TopicPartition) -> Option<i64> {
@@ -118,7 +194,7 @@ impl LogScan for EmbeddedLog {
 
     fn end_offset<'a>(&'a self, tp: &'a TopicPartition) -> BoxFuture<'a, Result<i64, LogError>> {
         let s = self.inner.state.lock().unwrap();
-        let end = s.topics.get(tp.topic.as_ref()).and_then(|ps| ps.get(tp.partition.max(0) as usize)).map_or(0, |p| p.len() as i64);
+        let end = s.topics.get(tp.topic.as_ref()).and_then(|ps| ps.get(tp.partition.max(0) as usize)).map_or(0, Part::end);
         Box::pin(async move { Ok(end) })
     }
 
@@ -128,7 +204,7 @@ impl LogScan for EmbeddedLog {
             .topics
             .get(tp.topic.as_ref())
             .and_then(|ps| ps.get(tp.partition.max(0) as usize))
-            .map(|p| p.iter().skip(from.max(0) as usize).cloned().collect())
+            .map(|p| p.records.iter().skip((from - p.base).max(0) as usize).cloned().collect())
             .unwrap_or_default();
         Box::pin(async move { Ok(records) })
     }
@@ -179,13 +255,14 @@ impl EmbeddedConsumer {
             let tp = &tps[(self.cursor + i) % tps.len()];
             let Some(log) = s.topics.get(&*tp.topic).and_then(|ps| ps.get(tp.partition as usize)) else { continue };
             let next = self.next.get_mut(tp).expect("assigned");
-            while (*next as usize) < log.len() && limit.admits(out.len(), bytes, log[*next as usize].byte_len()) {
-                let r = log[*next as usize].clone();
+            // Released records are gone: a position below them moves up.
+            *next = (*next).max(log.base);
+            while let Some(r) = log.get(*next).filter(|r| limit.admits(out.len(), bytes, r.byte_len())) {
                 bytes += r.byte_len();
-                out.push(r);
+                out.push(r.clone());
                 *next += 1;
             }
-            if (*next as usize) < log.len() {
+            if *next < log.end() {
                 break; // the limit is reached
             }
         }
@@ -222,6 +299,7 @@ impl LogConsumer for EmbeddedConsumer {
                 }
             }
         }
+        self.log.inner.committed.notify_waiters();
         Box::pin(async { Ok(()) })
     }
 
@@ -246,8 +324,9 @@ impl LogConsumer for EmbeddedConsumer {
         self.next
             .iter()
             .map(|(tp, next)| {
-                let end = s.topics.get(&*tp.topic).and_then(|ps| ps.get(tp.partition as usize)).map_or(0, |l| l.len() as i64);
-                (tp.clone(), PartitionPosition { next: *next, end: Some(end) })
+                let end = s.topics.get(&*tp.topic).and_then(|ps| ps.get(tp.partition as usize)).map_or(0, Part::end);
+                let end = (!s.feeding.contains(&*tp.topic)).then_some(end);
+                (tp.clone(), PartitionPosition { next: *next, end })
             })
             .collect()
     }

@@ -89,40 +89,32 @@ pub async fn replay_file(
         app.cassette = Some(c.clone());
     }
 
-    let topic = &spec.source.topic;
-    let mut records = 0u64;
-    match recording {
+    let topic = spec.source.topic.clone();
+    let records = std::cell::Cell::new(0u64);
+    let summaries = match recording {
         Some(reader) => {
             // Keep the recorded partitions: the source topic has at least as many.
             let partitions = reader.info().partitions.iter().copied().max().map_or(0, |p| p + 1).max(spec.source.partitions);
-            app.log.create_topic(topic, partitions);
-            for entry in reader {
+            app.log.create_topic(&topic, partitions);
+            let registry = app.registry.clone();
+            let feed = reader.map(|entry| -> anyhow::Result<OutgoingRecord> {
                 let entry = entry?;
                 if let Some((id, json)) = &entry.writer_schema {
                     let schema = apache_avro::Schema::parse_str(json).map_err(|e| anyhow::anyhow!("{}: writer schema {id} does not parse: {e}", input.display()))?;
-                    app.registry.import(*id, &Schemas::subject(topic), &schema)?;
+                    registry.import(*id, &Schemas::subject(&topic), &schema)?;
                 }
+                records.set(records.get() + 1);
                 let r = entry.record;
-                app.log.append(OutgoingRecord {
-                    topic: topic.clone(),
-                    partition: Some(r.position.tp.partition),
-                    key: r.key,
-                    payload: r.payload,
-                    headers: r.headers,
-                    event_time_ms: Some(r.event_time_ms),
-                });
-                records += 1;
-            }
+                Ok(OutgoingRecord { topic: topic.clone(), partition: Some(r.position.tp.partition), key: r.key, payload: r.payload, headers: r.headers, event_time_ms: Some(r.event_time_ms) })
+            });
+            app.run_chain_feed(spec, feed).await?
         }
         None => {
-            app.log.create_topic(topic, spec.source.partitions);
-            for r in crate::input::read(input, topic)? {
-                app.log.append(r);
-                records += 1;
-            }
+            let feed = crate::input::stream(input, &topic)?.inspect(|_| records.set(records.get() + 1));
+            app.run_chain_feed(spec, feed).await?
         }
-    }
-    let summaries = app.run_chain_to_end(spec, Vec::new()).await?;
+    };
+    let records = records.get();
 
     let mut topics = Vec::new();
     let mut dead_letter_topics = Vec::new();
