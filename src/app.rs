@@ -236,11 +236,12 @@ pub async fn run_kafka(
     listen: crate::ops::Listen,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<Summary> {
-    run_kafka_with(profile, spec, listen, Until::Shutdown, shutdown, |c| c).await
+    run_kafka_with(profile, spec, listen, Until::Shutdown, shutdown, |c| c, |_| {}).await
 }
 
 /// [`run_kafka`], ending at `until`, with the Kafka consumer wrapped by
-/// `wrap` (a sandbox replay bounds it to a range).
+/// `wrap` (a sandbox replay bounds it to a range); `observe` gets the run's
+/// metrics before it starts (a progress bar reads them).
 pub async fn run_kafka_with<C: crate::log::LogConsumer>(
     profile: &Profile,
     spec: &TopologySpec,
@@ -248,6 +249,7 @@ pub async fn run_kafka_with<C: crate::log::LogConsumer>(
     until: Until,
     shutdown: impl std::future::Future<Output = ()> + Send,
     wrap: impl FnOnce(KafkaConsumer) -> C,
+    observe: impl FnOnce(Arc<Metrics>),
 ) -> anyhow::Result<Summary> {
     let LogProfile::Kafka(kafka) = &profile.log else {
         anyhow::bail!("this profile's log is not Kafka; `run` without --input needs `[log] kind = \"kafka\"`");
@@ -293,6 +295,7 @@ pub async fn run_kafka_with<C: crate::log::LogConsumer>(
         cassette: None,
     };
     let consumer = wrap(KafkaConsumer::new(kafka, &spec.group(), &[spec.source.topic.as_str()])?);
+    observe(metrics.clone());
     let report = topology::run(spec, &deps, consumer, until, shutdown).await;
     if let Some(task) = ops {
         task.abort();

@@ -804,6 +804,58 @@ async fn a_sandbox_replay_processes_exactly_its_range_and_leaves_production_alon
     assert_eq!(hartonomous::log::kafka::group_committed(&kafka_config(), &s.group, &tps).await.unwrap(), committed, "production group offsets");
 }
 
+/// A record dead-lettered because its writer schema was not registered yet
+/// is fixed by registering the schema and redriving it: it comes through
+/// the running processor, stored and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redriven_dead_letter_comes_through_once_its_cause_is_fixed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("redrive", 3, |t| t).await;
+    let mut child = s.spawn("p", &[]);
+    wait_for("redrive: consuming", Duration::from_secs(90), || async { s.log("p").contains("partitions assigned") }).await;
+    // A newer writer schema (one more field, with a default) that no registry has yet.
+    let registry = s.registry();
+    let next_id = registry.list().iter().map(|r| r.id).max().unwrap() + 1;
+    let mut json: serde_json::Value = serde_json::to_value(&*Schemas::current("AtomIngestionRequest").unwrap().schema).unwrap();
+    json["fields"].as_array_mut().unwrap().push(serde_json::json!({"name": "note", "type": "string", "default": ""}));
+    let newer = apache_avro::Schema::parse(&json).unwrap();
+    let request = serde_json::json!({"content_type": "text/plain", "content": "redriven content, fixed", "metadata": {}, "source_system": "late", "correlation_id": "fixed-1", "note": "v3"});
+    let payload = avro::encode(next_id, &newer, &avro::json_to_avro(&request, &newer).unwrap()).unwrap();
+    let producer = KafkaProducer::new(&kafka_config()).unwrap();
+    producer.send(OutgoingRecord { topic: s.topic.clone(), key: Some(b"fixed-1".to_vec()), payload, ..Default::default() }).await.unwrap();
+    wait_for("redrive: dead-lettered as unknown schema", Duration::from_secs(60), || async {
+        s.scalar("SELECT count() FROM dead_letters FINAL WHERE reason = 'decode.unknown_schema'").await == 1
+    })
+    .await;
+    assert_eq!(s.scalar("SELECT count() FROM atom_arrivals FINAL WHERE correlation_id = 'fixed-1'").await, 0);
+    // The fix: the schema is registered, under the id the record names.
+    assert_eq!(registry.register_schema(&Schemas::subject(&s.topic), &newer).unwrap(), next_id);
+    let o = Command::new(env!("CARGO_BIN_EXE_hartonomous"))
+        .args(["--connectors", s.profile.to_str().unwrap(), "dlq", "redrive", "--topic", &s.dlq, "--reason", "decode.unknown_schema"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && report.contains("redriven 1"), "{report}\n{}", String::from_utf8_lossy(&o.stderr));
+    wait_for("redrive: the fixed record stored and answered", Duration::from_secs(60), || async {
+        s.scalar("SELECT count() FROM atom_arrivals FINAL WHERE correlation_id = 'fixed-1' AND outcome = 'created'").await == 1
+    })
+    .await;
+    let events = s.read_topic(&s.out, 1).await;
+    let answered: Vec<AtomIngested> = {
+        let mut out = Vec::new();
+        for r in &events {
+            let reader = &Schemas::current("AtomIngested").unwrap().schema;
+            let (_, v) = avro::decode_message(&registry, reader, &r.payload).await.unwrap();
+            out.push(hartonomous::topology::decode::to_typed::<AtomIngested>(&v).unwrap());
+        }
+        out
+    };
+    assert_eq!(answered.iter().filter(|e| e.correlation_id == "fixed-1").count(), 1, "the redriven request is answered once");
+    assert_eq!(s.atoms_final().await, 1);
+    let status = terminate(&mut child);
+    assert!(status.success(), "{status}\n{}", s.tail("p"));
+}
+
 /// An outage of `service` for `down` while records keep arriving: the
 /// processor lives, pauses, resumes and loses nothing, within bounded memory.
 async fn outage(name: &str, services_down: &[(&str, Duration, Duration)]) {

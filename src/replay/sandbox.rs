@@ -251,10 +251,33 @@ pub async fn replay_kafka(profile: &Profile, spec: &TopologySpec, name: &str, pa
     let starts: BTreeMap<TopicPartition, i64> = ranges.iter().map(|(tp, (from, _))| (tp.clone(), *from)).collect();
     crate::log::kafka::group_commit(kafka, &sandbox.group(), &starts).await?;
     let bounded = ranges.clone();
-    let summary = crate::app::run_kafka_with(&sprofile, &sandbox, crate::ops::Listen::Off, crate::flow::runner::Until::Drained, std::future::pending(), move |consumer| Bounded {
-        inner: consumer,
-        ranges: bounded,
-    })
-    .await?;
+    // A progress bar (records in, rate, ETA), drawn only on a terminal.
+    let total: i64 = ranges.values().map(|(a, b)| b - a).sum();
+    let bar = indicatif::ProgressBar::new(total.max(0) as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} records  {per_sec}  eta {eta}").expect("valid template"));
+    let mut ticker = None;
+    let summary = crate::app::run_kafka_with(
+        &sprofile,
+        &sandbox,
+        crate::ops::Listen::Off,
+        crate::flow::runner::Until::Drained,
+        std::future::pending(),
+        move |consumer| Bounded { inner: consumer, ranges: bounded },
+        |metrics| {
+            let bar = bar.clone();
+            ticker = Some(tokio::spawn(async move {
+                loop {
+                    bar.set_position(metrics.records_in.load(std::sync::atomic::Ordering::Relaxed));
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }));
+        },
+    )
+    .await;
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    bar.finish_and_clear();
+    let summary = summary?;
     Ok(SandboxReplay { summary, ranges, spec: sandbox, profile: sprofile })
 }
