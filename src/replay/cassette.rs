@@ -270,4 +270,49 @@ mod tests {
         assert_eq!(call.len(), 3, "the answer it called for is kept");
         assert!(Cassette::open(&dir.path().join("absent"), Mode::Replay(OnMissing::Fail)).is_err());
     }
+
+    /// A model that counts its calls and answers by input length.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Model for Counting {
+        fn id(&self) -> &str {
+            "m"
+        }
+        fn version(&self) -> &str {
+            "7"
+        }
+        fn predict<'a>(&'a self, input: &'a str) -> BoxFuture<'a, Result<Prediction, ModelError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                match input.len() {
+                    0 => Err(ModelError::BadAnswer("empty".into())),
+                    1 => Err(ModelError::Unavailable("flaky".into())),
+                    n => Ok(Prediction { label: format!("len{n}"), score: Some(n as f64 / 10.0) }),
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn predictions_and_final_errors_play_back_without_a_call_and_transient_ones_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.jsonl");
+        let inner = Arc::new(Counting(Default::default()));
+        let rec = Cassette::open(&path, Mode::Record).unwrap();
+        let m = rec.model(inner.clone());
+        assert_eq!(m.predict("abc").await.unwrap(), Prediction { label: "len3".into(), score: Some(0.3) });
+        assert_eq!(m.predict("").await.unwrap_err(), ModelError::BadAnswer("empty".into()));
+        assert!(matches!(m.predict("x").await, Err(ModelError::Unavailable(_))));
+        rec.save().unwrap();
+        assert_eq!(rec.len(), 2, "the transient failure is not kept");
+
+        let calls = inner.0.load(Ordering::SeqCst);
+        let play = Cassette::open(&path, Mode::Replay(OnMissing::Fail)).unwrap();
+        let m = play.model(inner.clone());
+        assert_eq!(m.predict("abc").await.unwrap().label, "len3");
+        assert_eq!(m.predict("").await.unwrap_err(), ModelError::BadAnswer("empty".into()));
+        assert_eq!(inner.0.load(Ordering::SeqCst), calls, "played back without a call");
+        let e = m.predict("x").await.unwrap_err();
+        assert!(matches!(&e, ModelError::Misconfigured(msg) if msg.contains("has no prediction for `prediction/m/7/")), "{e}");
+    }
 }
