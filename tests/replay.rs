@@ -83,8 +83,9 @@ fn entry(partition: i32, offset: i64, payload: Vec<u8>, key: &str) -> Record {
     Record { position: Position { tp: TopicPartition::new("prod.requests", partition), offset }, key: Some(key.as_bytes().to_vec()), payload, headers, event_time_ms: 1_764_000_000_000 + offset }
 }
 
-/// A recording of `n` requests written with writer schema id 41 (as a
-/// production registry numbered it), a repeat, and one record naming id 99,
+/// A recording of `n` requests written with writer schema id 1 (as a
+/// production registry numbered the current schema; a fresh registry gives
+/// id 1 to the oldest bundled version, so the recorded id must win), a repeat, and one record naming id 99,
 /// which the recording has no schema for.
 fn write_recording(path: &Path, n: usize) -> usize {
     let info = RecordingInfo { format_version: 1, topic: "prod.requests".into(), from: None, to: None, partitions: vec![0, 1, 2, 3], recorded_at_ms: 1_764_000_100_000, tool: "test".into() };
@@ -94,14 +95,14 @@ fn write_recording(path: &Path, n: usize) -> usize {
     let mut put = |w: &mut RecordingWriter, i: usize, payload: Vec<u8>| {
         let p = i % 4;
         let id = wire_schema_id(&payload).unwrap();
-        let with = (id == 41 && w.needs_schema(id)).then(|| (id, schema.canonical_form()));
+        let with = (id == 1 && w.needs_schema(id)).then(|| (id, schema.canonical_form()));
         w.append(&entry(p as i32, offsets[p], payload, &format!("r-{i}")), with).unwrap();
         offsets[p] += 1;
     };
     for i in 0..n {
         let v = json!({"content_type": "text/plain", "content": format!("recorded text {}", i % (n - 1)), "metadata": {}, "source_system": "prod", "correlation_id": format!("r-{i}")});
         let value = avro::json_to_avro(&v, schema).unwrap();
-        put(&mut w, i, avro::encode(41, schema, &value).unwrap());
+        put(&mut w, i, avro::encode(1, schema, &value).unwrap());
     }
     put(&mut w, n, vec![0, 0, 0, 0, 99, 2, 2]);
     w.finish().unwrap() as usize

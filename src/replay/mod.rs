@@ -96,13 +96,18 @@ pub async fn replay_file(
             // Keep the recorded partitions: the source topic has at least as many.
             let partitions = reader.info().partitions.iter().copied().max().map_or(0, |p| p + 1).max(spec.source.partitions);
             app.log.create_topic(&topic, partitions);
-            let registry = app.registry.clone();
+            // The writer schemas keep their recorded ids, so they are imported
+            // before the run registers the bundled schemas (which then reuse
+            // an imported id for the same schema, and take new ids above the
+            // recorded ones for the others). A first pass reads only them.
+            for entry in RecordingReader::open(input)? {
+                if let Some((id, json)) = entry?.writer_schema {
+                    let schema = apache_avro::Schema::parse_str(&json).map_err(|e| anyhow::anyhow!("{}: writer schema {id} does not parse: {e}", input.display()))?;
+                    app.registry.import(id, &Schemas::subject(&topic), &schema)?;
+                }
+            }
             let feed = reader.map(|entry| -> anyhow::Result<OutgoingRecord> {
                 let entry = entry?;
-                if let Some((id, json)) = &entry.writer_schema {
-                    let schema = apache_avro::Schema::parse_str(json).map_err(|e| anyhow::anyhow!("{}: writer schema {id} does not parse: {e}", input.display()))?;
-                    registry.import(*id, &Schemas::subject(&topic), &schema)?;
-                }
                 records.set(records.get() + 1);
                 let r = entry.record;
                 Ok(OutgoingRecord { topic: topic.clone(), partition: Some(r.position.tp.partition), key: r.key, payload: r.payload, headers: r.headers, event_time_ms: Some(r.event_time_ms) })
