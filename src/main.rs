@@ -338,7 +338,6 @@ async fn record(
         let mut writer = RecordingWriter::create(&out, &info)?;
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {pos} records  {per_sec}  {elapsed}").expect("valid template"));
-        let mut failed: Option<String> = None;
         let mut sink = |r: hartonomous::record::Record| -> Result<(), String> {
             let schema = match wire_schema_id(&r.payload) {
                 Some(id) if writer.needs_schema(id) => match handle.block_on(registry.schema_by_id(id)) {
@@ -352,10 +351,7 @@ async fn record(
                 },
                 _ => None,
             };
-            writer.append(&r, schema).map_err(|e| {
-                failed = Some(e.to_string());
-                e.to_string()
-            })
+            writer.append(&r, schema).map_err(|e| e.to_string())
         };
         let report = hartonomous::log::kafka::read_range(&kafka, &spec, &mut sink, &mut |n| bar.set_position(n))?;
         bar.finish_and_clear();

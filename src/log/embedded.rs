@@ -23,7 +23,6 @@ pub struct EmbeddedLog {
 struct Inner {
     state: Mutex<State>,
     appended: Notify,
-    committed: Notify,
     clock: SharedClock,
 }
 
@@ -61,7 +60,7 @@ struct State {
 
 impl EmbeddedLog {
     pub fn new(clock: SharedClock) -> Self {
-        Self { inner: Arc::new(Inner { state: Mutex::default(), appended: Notify::new(), committed: Notify::new(), clock }) }
+        Self { inner: Arc::new(Inner { state: Mutex::default(), appended: Notify::new(), clock }) }
     }
 
     /// Creates `topic` with `partitions` partitions; a no-op if it exists.
@@ -149,15 +148,6 @@ impl EmbeddedLog {
             while p.base < upto && p.records.pop_front().is_some() {
                 p.base += 1;
             }
-        }
-    }
-
-    /// Waits until some group commits (or `timeout` passes on the log's clock).
-    pub async fn commit_or(&self, timeout: Duration) {
-        let notified = self.inner.committed.notified();
-        tokio::select! {
-            _ = notified => {}
-            _ = self.inner.clock.sleep(timeout) => {}
         }
     }
 
@@ -299,7 +289,6 @@ impl LogConsumer for EmbeddedConsumer {
                 }
             }
         }
-        self.log.inner.committed.notify_waiters();
         Box::pin(async { Ok(()) })
     }
 

@@ -72,9 +72,6 @@ fn err(path: &Path, message: impl std::fmt::Display) -> RecordingError {
     RecordingError::File { file: path.display().to_string(), message: message.to_string() }
 }
 
-fn entry_schema() -> Schema {
-    Schema::parse_str(ENTRY_SCHEMA).expect("the bundled entry schema parses")
-}
 
 /// The Confluent schema id a value names, if it is in the wire format.
 pub fn wire_schema_id(value: &[u8]) -> Option<u32> {
@@ -96,7 +93,7 @@ pub struct RecordingWriter {
 /// The entry schema lives as long as the process: the writer borrows it.
 fn static_entry_schema() -> &'static Schema {
     static SCHEMA: std::sync::OnceLock<Schema> = std::sync::OnceLock::new();
-    SCHEMA.get_or_init(entry_schema)
+    SCHEMA.get_or_init(|| Schema::parse_str(ENTRY_SCHEMA).expect("the bundled entry schema parses"))
 }
 
 impl RecordingWriter {
