@@ -180,20 +180,20 @@ impl InferenceTables {
         let mut versions = Versions::default();
         let (results, parts) = Table::open(RESULTS_TABLE, tables.join(RESULTS_TABLE), results_schema(), writable)?;
         for part in &parts {
-            for r in read_rows::<ResultRow>(part)? {
+            for r in read_rows::<ResultRow>(&part.path)? {
                 keep_highest(&mut versions.results, pos(&r.position()), r);
             }
         }
         let (outputs, parts) = Table::open(OUTPUTS_TABLE, tables.join(OUTPUTS_TABLE), outputs_schema(), writable)?;
         for part in &parts {
-            for r in read_rows::<OutputRow>(part)? {
+            for r in read_rows::<OutputRow>(&part.path)? {
                 keep_highest(&mut versions.outputs, (pos(&r.position()), r.model_id.clone()), r);
             }
         }
         let (compensations, parts) =
             Table::open(COMPENSATIONS_TABLE, tables.join(COMPENSATIONS_TABLE), compensations_schema(), writable)?;
         for part in &parts {
-            for r in read_rows::<CompensationRow>(part)? {
+            for r in read_rows::<CompensationRow>(&part.path)? {
                 keep_highest(&mut versions.compensations, pos(&r.position()), r);
             }
         }

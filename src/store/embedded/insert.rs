@@ -40,6 +40,7 @@ impl EmbeddedStore {
                 }
             })
             .await?;
+        self.maintenance.after_insert();
         Ok(report)
     }
 
@@ -75,6 +76,7 @@ impl EmbeddedStore {
                 }
             })
             .await?;
+        self.maintenance.after_insert();
         Ok(report)
     }
 
@@ -112,6 +114,7 @@ impl EmbeddedStore {
                 }
             })
             .await?;
+        self.maintenance.after_insert();
         Ok(report)
     }
 }

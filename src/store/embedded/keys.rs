@@ -12,6 +12,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::error::{arrow_error, io_error, parquet_error};
+use super::index::{Index, Kind};
 use crate::atom::{ArrivalOutcome, ContentHash, SourcePosition};
 use crate::store::StoreError;
 
@@ -156,4 +157,90 @@ pub(super) fn load_dead_letter_keys(path: &Path, keys: &mut DeadLetterKeys) -> R
         }
         Ok(())
     })
+}
+
+// ---- key indexes (index.rs): what goes in, and loading them ----
+
+impl Keys {
+    /// The atoms' keys as index entries (hash, topic, partition, offset).
+    pub(super) fn atoms_index(&self) -> (Vec<Arc<str>>, Vec<u8>) {
+        let mut entries = Vec::with_capacity(self.atoms.len() * Kind::Atoms.entry_len());
+        for (hash, (topic, partition, offset)) in &self.atoms {
+            entries.extend_from_slice(&hash.0);
+            entries.extend_from_slice(&topic.to_le_bytes());
+            entries.extend_from_slice(&partition.to_le_bytes());
+            entries.extend_from_slice(&offset.to_le_bytes());
+        }
+        (self.topics.clone(), entries)
+    }
+
+    /// The arrivals' keys as index entries (topic, partition, offset, outcome).
+    pub(super) fn arrivals_index(&self) -> (Vec<Arc<str>>, Vec<u8>) {
+        let mut entries = Vec::with_capacity(self.arrivals.len() * Kind::Arrivals.entry_len());
+        for ((topic, partition, offset), outcome) in &self.arrivals {
+            entries.extend_from_slice(&topic.to_le_bytes());
+            entries.extend_from_slice(&partition.to_le_bytes());
+            entries.extend_from_slice(&offset.to_le_bytes());
+            entries.push(match outcome {
+                ArrivalOutcome::Created => 0,
+                ArrivalOutcome::Matched => 1,
+            });
+        }
+        (self.topics.clone(), entries)
+    }
+
+    /// Adds the keys of an atoms or arrivals index.
+    pub(super) fn load_index(&mut self, index: &Index) -> Result<(), StoreError> {
+        let topics: Vec<u32> = index.topics.iter().map(|t| self.intern(t)).collect();
+        let topic = |raw: &[u8]| -> Result<u32, StoreError> {
+            let i = u32::from_le_bytes(raw.try_into().expect("4 bytes")) as usize;
+            topics.get(i).copied().ok_or_else(|| StoreError::Fatal(format!("key index: topic {i} of {}", topics.len())))
+        };
+        let int32 = |raw: &[u8]| i32::from_le_bytes(raw.try_into().expect("4 bytes"));
+        let int64 = |raw: &[u8]| i64::from_le_bytes(raw.try_into().expect("8 bytes"));
+        match index.kind {
+            Kind::Atoms => {
+                self.atoms.reserve(index.entries.len() / Kind::Atoms.entry_len());
+                for e in index.entries() {
+                    let hash = ContentHash(e[..32].try_into().expect("32 bytes"));
+                    let key = (topic(&e[32..36])?, int32(&e[36..40]), int64(&e[40..48]));
+                    self.atoms.entry(hash).or_insert(key);
+                }
+            }
+            Kind::Arrivals => {
+                self.arrivals.reserve(index.entries.len() / Kind::Arrivals.entry_len());
+                for e in index.entries() {
+                    let outcome = if e[16] == 0 { ArrivalOutcome::Created } else { ArrivalOutcome::Matched };
+                    self.arrivals.entry((topic(&e[..4])?, int32(&e[4..8]), int64(&e[8..16]))).or_insert(outcome);
+                }
+            }
+            Kind::DeadLetters => return Err(StoreError::Fatal("key index: dead letters are not atom keys".into())),
+        }
+        Ok(())
+    }
+}
+
+/// The dead letters' keys as index entries (topic, partition, offset).
+pub(super) fn dead_letters_index(keys: &DeadLetterKeys) -> (Vec<String>, Vec<u8>) {
+    let mut topics = Vec::with_capacity(keys.len());
+    let mut entries = Vec::new();
+    for (i, (topic, positions)) in keys.iter().enumerate() {
+        topics.push(topic.clone());
+        for (partition, offset) in positions {
+            entries.extend_from_slice(&(i as u32).to_le_bytes());
+            entries.extend_from_slice(&partition.to_le_bytes());
+            entries.extend_from_slice(&offset.to_le_bytes());
+        }
+    }
+    (topics, entries)
+}
+
+pub(super) fn load_dead_letters_index(index: &Index, keys: &mut DeadLetterKeys) -> Result<(), StoreError> {
+    for e in index.entries() {
+        let i = u32::from_le_bytes(e[..4].try_into().expect("4 bytes")) as usize;
+        let topic = index.topics.get(i).ok_or_else(|| StoreError::Fatal(format!("key index: topic {i} of {}", index.topics.len())))?;
+        let key = (i32::from_le_bytes(e[4..8].try_into().expect("4 bytes")), i64::from_le_bytes(e[8..16].try_into().expect("8 bytes")));
+        keys.entry(topic.clone()).or_default().insert(key);
+    }
+    Ok(())
 }

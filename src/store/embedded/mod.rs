@@ -10,9 +10,13 @@
 //! ```
 //!
 //! Every successful insert call that stores at least one new row writes
-//! exactly one new Parquet file; files are never rewritten or merged. The
-//! column layouts are given by [`atoms_schema`] and [`dead_letters_schema`]
-//! and match the ClickHouse tables of the same names.
+//! exactly one new Parquet file. In the background, runs of small parts are
+//! merged into one `part-<first>-<last>-m-<unique>.parquet` that hides the
+//! parts it holds from then on ([`compact`] has the rules: writes are never
+//! blocked, and a crash mid-merge loses and duplicates nothing). Each
+//! keyed table also keeps `keys.idx`, its keys up to a part sequence
+//! (`index.rs`). The column layouts are given by [`atoms_schema`] and
+//! [`dead_letters_schema`] and match the ClickHouse tables of the same names.
 //!
 //! # Crash safety and durability
 //!
@@ -32,18 +36,20 @@
 //!
 //! Idempotency checks, [`AtomStore::find_atoms`] and
 //! [`AtomStore::arrival_outcomes`] answer from memory, with no scan: `open`
-//! reads the key columns of every part (hash and lineage of atoms, position
-//! and outcome of arrivals, position of dead letters) into hash maps. Expect
-//! about **120 bytes of memory per stored atom** (a 32-byte hash, its
-//! 16-byte lineage and the map's control bytes and spare capacity, up to
-//! twice that right after the map grows), e.g. about 1.2 GB for 10 million
-//! atoms, about 60 bytes per arrival and 50 per dead letter, plus each
-//! distinct source topic's name once.
-//! `open` time grows with the number of stored rows too, since it reads one
-//! column of every part.
+//! reads each table's key index and the key columns of the parts the index
+//! does not cover (hash and lineage of atoms, position and outcome of
+//! arrivals, position of dead letters) into hash maps, so its cost follows
+//! the number of stored keys, not of parts. Expect about **120 bytes of
+//! memory per stored atom** (a 32-byte hash, its 16-byte lineage and the
+//! map's control bytes and spare capacity, up to twice that right after the
+//! map grows), e.g. about 1.2 GB for 10 million atoms, about 60 bytes per
+//! arrival and 50 per dead letter, plus each distinct source topic's name
+//! once.
 
+mod compact;
 mod error;
 mod files;
+mod index;
 mod inference;
 mod insert;
 mod keys;
@@ -62,7 +68,11 @@ use crate::inference::{CompensationRow, OutputRow, Recalled, ResultRow, Retracte
 use crate::atom::{ArrivalOutcome, ArrivalRow, AtomRow, ContentHash, SourcePosition};
 use error::io_error;
 use files::Table;
-use keys::{DeadLetterKeys, Keys, load_arrival_keys, load_atom_keys, load_dead_letter_keys, read_lock};
+use compact::Maintenance;
+use index::Kind;
+use keys::{DeadLetterKeys, Keys, load_arrival_keys, load_atom_keys, load_dead_letter_keys, load_dead_letters_index, read_lock};
+
+pub use compact::{Merged, Policy};
 
 pub use error::QueryError;
 pub use inference::{COMPENSATIONS_TABLE, OUTPUTS_TABLE, RESULTS_TABLE, compensations_schema, outputs_schema, results_schema};
@@ -79,6 +89,8 @@ pub struct EmbeddedStore {
     keys: Arc<RwLock<Keys>>,
     dead_letter_keys: Arc<RwLock<DeadLetterKeys>>,
     inference: inference::InferenceTables,
+    maintenance: Maintenance,
+    parts_read_at_open: usize,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -118,20 +130,40 @@ impl EmbeddedStore {
         let tables = data_dir.join("tables");
 
         let (atoms, atom_parts) = Table::open(ATOMS_TABLE, tables.join(ATOMS_TABLE), atoms_schema(), writable)?;
-        let mut keys = Keys::default();
-        for part in &atom_parts {
-            load_atom_keys(part, &mut keys)?;
-        }
         let (arrivals, arrival_parts) = Table::open(ARRIVALS_TABLE, tables.join(ARRIVALS_TABLE), arrivals_schema(), writable)?;
-        for part in &arrival_parts {
-            load_arrival_keys(part, &mut keys)?;
-        }
-
         let (dead_letters, dl_parts) =
             Table::open(DEAD_LETTERS_TABLE, tables.join(DEAD_LETTERS_TABLE), dead_letters_schema(), writable)?;
+
+        // Keys: each table's index, then the parts it does not cover.
+        let mut keys = Keys::default();
+        let mut from_parts = 0;
+        for (table, parts, kind) in [(&atoms, &atom_parts, Kind::Atoms), (&arrivals, &arrival_parts, Kind::Arrivals)] {
+            let covered = match index::read(&table.dir, kind) {
+                Some(ix) => {
+                    keys.load_index(&ix)?;
+                    Some(ix.covered)
+                }
+                None => None,
+            };
+            for part in parts.iter().filter(|p| covered.is_none_or(|c| p.last > c)) {
+                from_parts += 1;
+                match kind {
+                    Kind::Atoms => load_atom_keys(&part.path, &mut keys)?,
+                    _ => load_arrival_keys(&part.path, &mut keys)?,
+                }
+            }
+        }
         let mut dl_keys = DeadLetterKeys::new();
-        for part in &dl_parts {
-            load_dead_letter_keys(part, &mut dl_keys)?;
+        let covered = match index::read(&dead_letters.dir, Kind::DeadLetters) {
+            Some(ix) => {
+                load_dead_letters_index(&ix, &mut dl_keys)?;
+                Some(ix.covered)
+            }
+            None => None,
+        };
+        for part in dl_parts.iter().filter(|p| covered.is_none_or(|c| p.last > c)) {
+            from_parts += 1;
+            load_dead_letter_keys(&part.path, &mut dl_keys)?;
         }
 
         let inference = inference::InferenceTables::open(&tables, writable)?;
@@ -142,17 +174,38 @@ impl EmbeddedStore {
             atoms = keys.atoms.len(),
             arrivals = keys.arrivals.len(),
             dead_letter_parts = dl_parts.len(),
+            parts_read_past_index = from_parts,
             "embedded store opened"
         );
-        Ok(Self {
-            data_dir,
-            atoms,
-            dead_letters,
-            arrivals,
-            keys: Arc::new(RwLock::new(keys)),
-            dead_letter_keys: Arc::new(RwLock::new(dl_keys)),
-            inference,
-        })
+        let keys = Arc::new(RwLock::new(keys));
+        let dead_letter_keys = Arc::new(RwLock::new(dl_keys));
+        let all_tables: Vec<Table> = [&atoms, &arrivals, &dead_letters].into_iter().chain(inference.tables()).cloned().collect();
+        // More than a few parts read past an index: write it again at the first chance.
+        let stale = writable && from_parts > 4;
+        let maintenance = Maintenance::new(all_tables, atoms.clone(), arrivals.clone(), dead_letters.clone(), keys.clone(), dead_letter_keys.clone(), stale);
+        Ok(Self { data_dir, atoms, dead_letters, arrivals, keys, dead_letter_keys, inference, maintenance, parts_read_at_open: from_parts })
+    }
+
+    /// Runs maintenance now and waits for it: merges every table's small
+    /// parts that are due (see [`compact::Policy`]), deletes merged parts
+    /// past their grace, and writes the key indexes. Inserts start the same
+    /// run in the background on their own; this is for tools and tests.
+    pub async fn compact(&self) -> Result<Vec<Merged>, StoreError> {
+        let merged = self.maintenance.run().await?;
+        if merged.is_empty() {
+            self.maintenance.write_indexes().await?;
+        }
+        Ok(merged)
+    }
+
+    /// How many parts `open` read because no key index covered them.
+    pub fn parts_read_at_open(&self) -> usize {
+        self.parts_read_at_open
+    }
+
+    /// Replaces the maintenance policy (tests and benches use small ones).
+    pub fn set_compaction_policy(&mut self, policy: Policy) {
+        self.maintenance.policy = policy;
     }
 
     /// The data directory (absolute).
@@ -302,6 +355,19 @@ mod tests {
         assert_eq!(counts("SELECT count(*), count(trace_id) FROM inference_results_live").await, (1, 0));
         assert_eq!(store.request_status("c1").await.unwrap().state, "completed");
         store.insert_dead_letters(&[DeadLetterRow { trace_id: "f".repeat(32), ..dead_letter("t", 0, 2) }]).await.unwrap();
+        assert_eq!(counts("SELECT count(*), count(trace_id) FROM dead_letters").await, (2, 1));
+        // A merge of an old part and a new one keeps both rows, the old one's trace id null.
+        let mut store = store;
+        store.set_compaction_policy(by_hand(2, std::time::Duration::ZERO));
+        let merged = store.compact().await.unwrap();
+        assert!(merged.iter().any(|m| m.table == DEAD_LETTERS_TABLE && m.rows == 2), "{merged:?}");
+        let counts = |sql: &'static str| {
+            let store = &store;
+            async move {
+                let b = store.query(sql).await.unwrap();
+                (b[0].column(0).as_primitive::<Int64Type>().value(0), b[0].column(1).as_primitive::<Int64Type>().value(0))
+            }
+        };
         assert_eq!(counts("SELECT count(*), count(trace_id) FROM dead_letters").await, (2, 1));
     }
 
@@ -501,6 +567,132 @@ mod tests {
         let report = store.insert_atoms(&orphan_rows).await.unwrap();
         assert_eq!(report.inserted, 2);
         assert_eq!(count(&store, "atoms").await, 5);
+    }
+
+    fn on_disk(dir: &Path) -> usize {
+        visible_parts(dir).len()
+    }
+
+    fn by_hand(min_parts: usize, grace: std::time::Duration) -> Policy {
+        Policy { min_parts, grace, background: false, ..Policy::default() }
+    }
+
+    #[tokio::test]
+    async fn small_parts_merge_into_one_and_every_row_reads_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = EmbeddedStore::open(dir.path()).unwrap();
+        store.set_compaction_policy(by_hand(4, std::time::Duration::ZERO));
+        let rows: Vec<AtomRow> = (0..10).map(|i| atom(&format!("content {i}"), i)).collect();
+        for row in &rows {
+            store.insert_atoms(std::slice::from_ref(row)).await.unwrap();
+        }
+        assert_eq!(on_disk(store.atoms_dir()), 10);
+        let merged = store.compact().await.unwrap();
+        assert_eq!(merged, vec![Merged { table: ATOMS_TABLE, parts: 10, rows: 10, first: 0, last: 9 }]);
+        // The old parts are still on disk (hidden) until the next run.
+        assert_eq!(on_disk(store.atoms_dir()), 11);
+        assert_eq!(store.atoms.visible_parts().unwrap().len(), 1);
+        assert_eq!(count(&store, "atoms").await, 10);
+        assert_eq!(stored_hashes(&store).await, sorted_hex(&rows));
+        store.compact().await.unwrap();
+        assert_eq!(on_disk(store.atoms_dir()), 1, "hidden parts are deleted after the grace");
+        assert_eq!(count(&store, "atoms").await, 10);
+
+        // New parts continue after the merged range, and merge again later.
+        let more: Vec<AtomRow> = (10..14).map(|i| atom(&format!("content {i}"), i)).collect();
+        for row in &more {
+            store.insert_atoms(std::slice::from_ref(row)).await.unwrap();
+        }
+        assert_eq!(part_sequence(&visible_parts(store.atoms_dir())[1]), Some(10));
+        let merged = store.compact().await.unwrap();
+        assert_eq!(merged, vec![Merged { table: ATOMS_TABLE, parts: 5, rows: 14, first: 0, last: 13 }]);
+        assert_eq!(count(&store, "atoms").await, 14);
+    }
+
+    #[tokio::test]
+    async fn a_merge_cut_short_at_any_point_loses_and_repeats_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<AtomRow> = (0..6).map(|i| atom(&format!("content {i}"), i)).collect();
+        {
+            // A long grace: the merge's inputs stay on disk, as after a crash
+            // between the rename and the deletion.
+            let mut store = EmbeddedStore::open(dir.path()).unwrap();
+            store.set_compaction_policy(by_hand(2, std::time::Duration::from_secs(3600)));
+            for row in &rows[..4] {
+                store.insert_atoms(std::slice::from_ref(row)).await.unwrap();
+            }
+            store.compact().await.unwrap();
+            assert_eq!(on_disk(store.atoms_dir()), 5);
+        }
+        // And a crash before the rename: a merged part's temp file.
+        let atoms_dir = dir.path().join("tables").join(ATOMS_TABLE);
+        let batch = atoms_batch(&rows.iter().collect::<Vec<_>>()).unwrap();
+        let torn = atoms_dir.join(format!(".{}{TEMP_SUFFIX}", super::files::merged_name(0, 9)));
+        write_parquet_file(&torn, &atoms_schema(), &[batch]).unwrap();
+
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(!torn.exists(), "open removes the temp file of a merge cut short");
+        assert_eq!(store.atom_count(), 4);
+        assert_eq!(count(&store, "atoms").await, 4, "hidden inputs are not read twice");
+        assert_eq!(store.insert_atoms(&rows).await.unwrap(), InsertReport { inserted: 2, already_present: 4 });
+        assert_eq!(count(&store, "atoms").await, 6);
+        assert_eq!(stored_hashes(&store).await, sorted_hex(&rows));
+    }
+
+    #[tokio::test]
+    async fn open_reads_the_key_index_and_only_the_parts_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: Vec<AtomRow> = (0..8).map(|i| atom(&format!("content {i}"), i)).collect();
+        let arrivals: Vec<ArrivalRow> = rows.iter().map(arrival).collect();
+        {
+            let mut store = EmbeddedStore::open(dir.path()).unwrap();
+            store.set_compaction_policy(by_hand(100, std::time::Duration::ZERO));
+            for (row, arrival) in rows[..5].iter().zip(&arrivals) {
+                store.insert_atoms(std::slice::from_ref(row)).await.unwrap();
+                store.insert_arrivals(std::slice::from_ref(arrival)).await.unwrap();
+            }
+            store.insert_dead_letters(&[dead_letter("in", 0, 1)]).await.unwrap();
+            // Nothing is due for merging; the run writes the indexes.
+            assert_eq!(store.compact().await.unwrap(), vec![]);
+            for (row, arrival) in rows[5..].iter().zip(&arrivals[5..]) {
+                store.insert_atoms(std::slice::from_ref(row)).await.unwrap();
+                store.insert_arrivals(std::slice::from_ref(arrival)).await.unwrap();
+            }
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.parts_read_at_open(), 6, "3 atom and 3 arrival parts past the indexes");
+        assert_eq!((store.atom_count(), store.arrival_count(), store.dead_letter_count()), (8, 8, 1));
+        assert_eq!(store.insert_atoms(&rows).await.unwrap().inserted, 0);
+        assert_eq!(store.insert_arrivals(&arrivals).await.unwrap().inserted, 0);
+        let lineage = store.find_atoms(&[rows[2].content_hash]).await.unwrap();
+        assert_eq!(lineage[&rows[2].content_hash], vec![rows[2].position()]);
+        let outcome = store.arrival_outcomes(&[arrivals[1].position()]).await.unwrap();
+        assert_eq!(outcome[&arrivals[1].position()], arrivals[1].outcome);
+        drop(store);
+
+        // A damaged index is not trusted: the keys come from the parts.
+        fs::write(dir.path().join("tables").join(ATOMS_TABLE).join(index::INDEX_FILE), b"HKEYIDX1 garbage").unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.parts_read_at_open(), 8 + 3);
+        assert_eq!((store.atom_count(), store.arrival_count()), (8, 8));
+        assert_eq!(store.insert_atoms(&rows).await.unwrap().inserted, 0);
+    }
+
+    fn arrival(row: &AtomRow) -> ArrivalRow {
+        ArrivalRow {
+            source_topic: row.source_topic.clone(),
+            source_partition: row.source_partition,
+            source_offset: row.source_offset,
+            content_hash: row.content_hash,
+            outcome: if row.source_offset % 2 == 0 { ArrivalOutcome::Created } else { ArrivalOutcome::Matched },
+            content_type: row.content_type.clone(),
+            content_size: row.content.len() as u64,
+            source_system: row.source_system.clone(),
+            correlation_id: row.correlation_id.clone(),
+            event_time_ms: row.event_time_ms,
+            arrived_at_ms: row.ingested_at_ms,
+            trace_id: row.trace_id.clone(),
+        }
     }
 
     #[tokio::test]

@@ -1,11 +1,13 @@
 //! SQL: read-only DataFusion queries over the tables, each table registered
-//! as a listing table over its directory of part files.
+//! as a listing table over its visible part files.
 
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::datasource::listing::{ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
+use datafusion::execution::options::ReadOptions;
 use datafusion::prelude::{ParquetReadOptions, SQLOptions, SessionConfig, SessionContext};
 
 use super::files::{PART_SUFFIX, Table};
@@ -53,15 +55,27 @@ impl EmbeddedStore {
 }
 
 impl Table {
-    /// Registers this table in `ctx` as a listing table over its directory.
+    /// Registers this table in `ctx` as a listing table over its visible
+    /// parts (a merged part hides the parts it holds; see `files::visible`).
     async fn register(&self, ctx: &SessionContext) -> Result<(), DataFusionError> {
-        // A trailing separator makes DataFusion treat the path as a directory.
-        let url = format!("{}{}", self.dir.display(), std::path::MAIN_SEPARATOR);
         let options = ParquetReadOptions {
             file_extension: PART_SUFFIX,
             schema: Some(&self.schema),
             ..Default::default()
         };
-        ctx.register_parquet(self.name, url, options).await
+        let parts = self.visible_parts().map_err(|e| DataFusionError::External(Box::new(e)))?;
+        if parts.is_empty() {
+            // No part at all: the directory (or its absence) reads as an empty table.
+            let url = format!("{}{}", self.dir.display(), std::path::MAIN_SEPARATOR);
+            return ctx.register_parquet(self.name, url, options).await;
+        }
+        let listing = options.to_listing_options(&ctx.copied_config(), ctx.copied_table_options());
+        let urls = parts
+            .iter()
+            .map(|p| ListingTableUrl::parse(p.path.to_string_lossy()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let config = ListingTableConfig::new_with_multi_paths(urls).with_listing_options(listing).with_schema(self.schema.clone());
+        ctx.register_table(self.name, Arc::new(ListingTable::try_new(config)?))?;
+        Ok(())
     }
 }
