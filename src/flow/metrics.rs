@@ -33,6 +33,10 @@ impl std::fmt::Display for Counter {
 
 /// Upper bounds (seconds) of the stage latency histogram: 1 ms to 10 s.
 pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds (seconds) of the end-to-end latency histogram: 5 ms to 5 min,
+/// fine around the quarter second that a p99 target is usually set at.
+pub const E2E_BUCKETS: [f64; 20] =
+    [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 /// Upper bounds (records) of the batch size histogram.
 pub const BATCH_BUCKETS: [f64; 9] = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0, 10000.0];
 
@@ -46,6 +50,24 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// The upper bound of the bucket holding quantile `q` (0..1) of the
+    /// observations, from `bounds` the tally was kept with; `None` when empty
+    /// or when it falls past the last bound.
+    pub fn quantile_bound(&self, bounds: &[f64], q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = (q * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (count, bound) in self.buckets.iter().zip(bounds) {
+            seen += count;
+            if seen >= rank {
+                return Some(*bound);
+            }
+        }
+        None
+    }
+
     fn observe(&mut self, bounds: &[f64], value: f64) {
         if self.buckets.len() != bounds.len() {
             self.buckets = vec![0; bounds.len()];
@@ -126,6 +148,8 @@ pub struct Metrics {
     dead_lettered_at: Mutex<BTreeMap<(String, String), u64>>,
     counters: Mutex<BTreeMap<Counter, u64>>,
     stages: Mutex<BTreeMap<&'static str, StageTallies>>,
+    /// Seconds from each record's timestamp to the acknowledgement of all its outputs.
+    end_to_end: Mutex<Tally>,
     /// The assigned partitions, replaced by the runner about twice a second.
     partitions: Mutex<BTreeMap<TopicPartition, PartitionGauges>>,
 }
@@ -188,6 +212,21 @@ impl Metrics {
         t.batch_records.observe(&BATCH_BUCKETS, records_in as f64);
     }
 
+    /// Records whose outputs (store rows, events, dead letters) are all
+    /// acknowledged now, `now_ms`, with their timestamps: how long each took
+    /// from its timestamp (set by its producer or the broker) to here. Kafka
+    /// Streams calls this the record's end-to-end latency.
+    pub fn finished(&self, now_ms: i64, timestamps_ms: impl Iterator<Item = i64>) {
+        let mut t = self.end_to_end.lock().unwrap();
+        for ts in timestamps_ms {
+            t.observe(&E2E_BUCKETS, (now_ms - ts).max(0) as f64 / 1000.0);
+        }
+    }
+
+    pub fn end_to_end(&self) -> Tally {
+        self.end_to_end.lock().unwrap().clone()
+    }
+
     pub fn stages(&self) -> BTreeMap<&'static str, StageTallies> {
         self.stages.lock().unwrap().clone()
     }
@@ -207,5 +246,23 @@ impl Metrics {
 
     pub fn dead_letters_by_reason(&self) -> BTreeMap<String, u64> {
         self.dead_lettered.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quantile_is_the_bound_of_the_bucket_that_holds_it() {
+        let m = Metrics::new("t");
+        m.finished(10_000, [9_990, 9_960, 9_900, 9_800, 7_000].into_iter());
+        let t = m.end_to_end();
+        assert_eq!(t.count, 5);
+        assert_eq!(t.quantile_bound(&E2E_BUCKETS, 0.4), Some(0.05), "the 2nd of 5 took 40 ms");
+        assert_eq!(t.quantile_bound(&E2E_BUCKETS, 0.5), Some(0.1), "the 3rd took 100 ms");
+        assert_eq!(t.quantile_bound(&E2E_BUCKETS, 0.8), Some(0.2), "the 4th took 200 ms");
+        assert_eq!(t.quantile_bound(&E2E_BUCKETS, 0.99), Some(5.0), "the 5th took 3 s");
+        assert_eq!(Tally::default().quantile_bound(&E2E_BUCKETS, 0.99), None);
     }
 }

@@ -534,6 +534,7 @@ async fn ack_loop<T: Send + 'static>(
         }
         let done = batch.slots.iter().filter(|s| matches!(s, Slot::Live(_))).count();
         Metrics::add(&ctx.metrics.records_done, done as u64);
+        ctx.metrics.finished(ctx.clock.now_ms(), batch.slots.iter().map(|s| s.record().event_time_ms));
         ctx.metrics.last_progress_ms.store(ctx.clock.now_ms(), Ordering::Relaxed);
         Metrics::add(&ctx.metrics.batches, 1);
         {

@@ -14,7 +14,7 @@ use prometheus::{Encoder, TextEncoder};
 
 use crate::clock::SharedClock;
 use crate::flow::Metrics;
-use crate::flow::metrics::{BATCH_BUCKETS, LATENCY_BUCKETS, Tally};
+use crate::flow::metrics::{BATCH_BUCKETS, E2E_BUCKETS, LATENCY_BUCKETS, Tally};
 use crate::resilience::{BreakerState, Breakers};
 
 /// Every exported metric: name, type, labels and help, declared once.
@@ -51,6 +51,12 @@ pub mod names {
         COUNTER,
         &["topology", "stage", "event"],
         "What a stage counted: stored rows, published events, embedding and model calls made and avoided, saga outcomes.",
+    );
+    pub const END_TO_END: Def = def(
+        "hartonomous_record_end_to_end_seconds",
+        HISTOGRAM,
+        &["topology"],
+        "Time from a record's timestamp to the acknowledgement of all its outputs (store rows, events, dead letters).",
     );
     pub const STAGE_LATENCY: Def = def("hartonomous_stage_latency_seconds", HISTOGRAM, &["topology", "stage"], "Time a stage took per window.");
     pub const STAGE_BATCH: Def = def("hartonomous_stage_batch_records", HISTOGRAM, &["topology", "stage"], "Live records per window a stage processed.");
@@ -103,6 +109,7 @@ pub mod names {
         STAGE_EVENTS,
         STAGE_LATENCY,
         STAGE_BATCH,
+        END_TO_END,
         IN_FLIGHT_RECORDS,
         IN_FLIGHT_BYTES,
         ASSIGNED,
@@ -275,6 +282,9 @@ impl Exporter {
         f.done(&mut out);
         flat.done(&mut out);
         fbatch.done(&mut out);
+        let mut f = Family::new(END_TO_END);
+        f.histogram(&[topo], &E2E_BUCKETS, &m.end_to_end());
+        f.done(&mut out);
 
         single(IN_FLIGHT_RECORDS, Metrics::get(&m.in_flight_records), &mut out);
         single(IN_FLIGHT_BYTES, Metrics::get(&m.in_flight_bytes), &mut out);
