@@ -658,6 +658,7 @@ fn persist_stage(store: Arc<dyn AtomStore>, clock: &ManualClock) -> (Persist, Ar
         embedding_model: MODEL.into(),
         embedding_dimension: 2,
         ledger: None,
+        looked_up: true,
     };
     (stage, metrics)
 }

@@ -114,6 +114,7 @@ contract!(
     dead_letters_are_idempotent_by_position,
     an_empty_insert_is_a_no_op,
     embeddings_and_lineage_round_trip,
+    rows_found_absent_are_stored_by_the_unchecked_inserts,
 );
 
 // ---------------------------------------------------------------------------
@@ -242,6 +243,28 @@ async fn reinserting_the_same_rows_stores_nothing_new(h: &impl Harness) {
     assert_eq!(h.lineage(mixed[55].content_hash).await.offset, mixed[55].source_offset);
     // The rows stored first are untouched by the later calls.
     assert_eq!(h.lineage(rows[0].content_hash).await.offset, rows[0].source_offset);
+}
+
+/// `insert_new_atoms` and `insert_new_arrivals` (rows a look-up just found
+/// absent) store them like the checked inserts do, a repeat within the call
+/// once, and what they stored is found by the checked ones afterwards.
+async fn rows_found_absent_are_stored_by_the_unchecked_inserts(h: &impl Harness) {
+    let store = h.store();
+    let mut rows = atoms("found-absent", 20);
+    assert!(store.find_atoms(&hashes(&rows)).await.unwrap().is_empty());
+    let mut repeat = rows[3].clone();
+    repeat.source_offset = 7_000;
+    rows.push(repeat);
+    assert_eq!(store.insert_new_atoms(&rows).await.unwrap(), InsertReport { inserted: 20, already_present: 1 });
+    assert_stored(h, 20, 0).await;
+    assert_eq!(h.lineage(rows[3].content_hash).await.offset, rows[3].source_offset, "the first occurrence is the one stored");
+    assert_eq!(store.insert_atoms(&rows[..20]).await.unwrap(), InsertReport { inserted: 0, already_present: 20 });
+    assert_stored(h, 20, 0).await;
+
+    let arrivals: Vec<ArrivalRow> = (0..10).map(|i| arrival("absent", i, ArrivalOutcome::Created)).collect();
+    assert_eq!(store.insert_new_arrivals(&arrivals).await.unwrap(), InsertReport { inserted: 10, already_present: 0 });
+    assert_eq!(store.insert_arrivals(&arrivals).await.unwrap(), InsertReport { inserted: 0, already_present: 10 });
+    assert_eq!(h.arrival_rows().await, 10);
 }
 
 /// A hash repeated within one call is written once; the first occurrence wins.

@@ -72,6 +72,27 @@ pub trait AtomStore: DeadLetterArchive {
     fn arrival_outcomes<'a>(&'a self, positions: &'a [SourcePosition]) -> BoxFuture<'a, Result<HashMap<SourcePosition, ArrivalOutcome>, StoreError>>;
     fn insert_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>>;
 
+    /// [`insert_atoms`](Self::insert_atoms) for rows whose hashes a
+    /// `find_atoms` of this store found absent moments ago (the dedup
+    /// stage's look-up of the same window, which also holds back repeats
+    /// in flight). A store may skip its own existence check for them, which
+    /// saves ClickHouse a second look-up per window. If another writer
+    /// stored one in between, the duplicate is the engine's to merge, as in
+    /// any race between two writers (one row per hash under `FINAL`). A
+    /// retry after an error must use `insert_atoms`: the failed attempt may
+    /// have stored the rows.
+    fn insert_new_atoms<'a>(&'a self, rows: &'a [AtomRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
+        self.insert_atoms(rows)
+    }
+
+    /// [`insert_arrivals`](Self::insert_arrivals) for positions known to
+    /// have no arrival row: looked up and found unrecorded, or holding a
+    /// content that was not stored (an arrival is written only after its
+    /// atom). The same terms as [`insert_new_atoms`](Self::insert_new_atoms).
+    fn insert_new_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
+        self.insert_arrivals(rows)
+    }
+
     /// The subset of `hashes` that is stored.
     fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>> {
         Box::pin(async move { Ok(self.find_atoms(hashes).await?.into_keys().collect()) })

@@ -230,7 +230,9 @@ pub fn dead_letters_dedup_token(rows: &[&DeadLetterRow]) -> String {
 }
 
 impl ClickHouseStore {
-    pub(super) async fn insert_arrivals_impl(&self, rows: &[ArrivalRow]) -> Result<InsertReport, StoreError> {
+    /// `check`: look up which positions are recorded first (see
+    /// `AtomStore::insert_new_arrivals` for when a caller may skip it).
+    pub(super) async fn insert_arrivals_impl(&self, rows: &[ArrivalRow], check: bool) -> Result<InsertReport, StoreError> {
         if rows.is_empty() {
             return Ok(InsertReport::default());
         }
@@ -238,7 +240,7 @@ impl ClickHouseStore {
         let mut seen = HashSet::with_capacity(rows.len());
         let unique: Vec<&ArrivalRow> = rows.iter().filter(|r| seen.insert(r.position())).collect();
         let positions: Vec<SourcePosition> = unique.iter().map(|r| r.position()).collect();
-        let stored = self.arrival_outcomes_impl(&positions).await?;
+        let stored = if check { self.arrival_outcomes_impl(&positions).await? } else { Default::default() };
         let fresh: Vec<&ArrivalRow> = unique.into_iter().filter(|r| !stored.contains_key(&r.position())).collect();
         let report = InsertReport { inserted: fresh.len(), already_present: rows.len() - fresh.len() };
         if fresh.is_empty() {
@@ -285,7 +287,9 @@ impl ClickHouseStore {
         Ok(report)
     }
 
-    pub(super) async fn insert_atoms_impl(&self, rows: &[AtomRow]) -> Result<InsertReport, StoreError> {
+    /// `check`: look up which hashes are stored first (see
+    /// `AtomStore::insert_new_atoms` for when a caller may skip it).
+    pub(super) async fn insert_atoms_impl(&self, rows: &[AtomRow], check: bool) -> Result<InsertReport, StoreError> {
         if rows.is_empty() {
             return Ok(InsertReport::default());
         }
@@ -293,7 +297,7 @@ impl ClickHouseStore {
         let mut seen = HashSet::with_capacity(rows.len());
         let unique: Vec<&AtomRow> = rows.iter().filter(|r| seen.insert(r.content_hash)).collect();
         let hashes: Vec<ContentHash> = unique.iter().map(|r| r.content_hash).collect();
-        let stored = self.existing_hashes_impl(&hashes).await?;
+        let stored = if check { self.existing_hashes_impl(&hashes).await? } else { HashSet::new() };
         let fresh: Vec<&AtomRow> = unique.into_iter().filter(|r| !stored.contains(&r.content_hash)).collect();
         let report = InsertReport { inserted: fresh.len(), already_present: rows.len() - fresh.len() };
         if fresh.is_empty() {

@@ -143,7 +143,11 @@ impl AtomStore for ClickHouseStore {
     }
 
     fn insert_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
-        Box::pin(self.insert_arrivals_impl(rows))
+        Box::pin(self.insert_arrivals_impl(rows, true))
+    }
+
+    fn insert_new_arrivals<'a>(&'a self, rows: &'a [ArrivalRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
+        Box::pin(self.insert_arrivals_impl(rows, false))
     }
 
     fn existing_hashes<'a>(&'a self, hashes: &'a [ContentHash]) -> BoxFuture<'a, Result<HashSet<ContentHash>, StoreError>> {
@@ -151,7 +155,11 @@ impl AtomStore for ClickHouseStore {
     }
 
     fn insert_atoms<'a>(&'a self, rows: &'a [AtomRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
-        Box::pin(self.insert_atoms_impl(rows))
+        Box::pin(self.insert_atoms_impl(rows, true))
+    }
+
+    fn insert_new_atoms<'a>(&'a self, rows: &'a [AtomRow]) -> BoxFuture<'a, Result<InsertReport, StoreError>> {
+        Box::pin(self.insert_atoms_impl(rows, false))
     }
 
 }

@@ -161,6 +161,7 @@ async fn build(spec: &TopologySpec, deps: &Deps, ctx: &StageContext) -> Result<P
         embedding_model: deps.embedder.model().to_string(),
         embedding_dimension: deps.embedder.dimension(),
         ledger: ledger.clone(),
+        looked_up: dedup_spec.is_some(),
     };
     let rx = stage::spawn("persist", persist, rx, ctx);
     let tail: mpsc::Receiver<Batch<()>> = match stages.publish() {

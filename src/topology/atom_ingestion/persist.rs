@@ -36,6 +36,27 @@ pub struct Persist {
     pub embedding_model: String,
     pub embedding_dimension: usize,
     pub ledger: Option<SharedLedger>,
+    /// The dedup stage looked the window up in this store, so the store
+    /// may skip its own existence check on a first attempt
+    /// (`AtomStore::insert_new_atoms`); without dedup it must check.
+    pub looked_up: bool,
+}
+
+/// Runs `op(first)` under `resilient`: `first` is true for the first attempt
+/// only, so that a retry (whose failed predecessor may have written) can
+/// take the checked path.
+async fn attempts<T, F, Fut>(resilient: &Resilient, mut op: F) -> Result<T, Attempted<crate::store::StoreError>>
+where
+    F: FnMut(bool) -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let mut first = true;
+    resilient
+        .call(|| {
+            let now = std::mem::replace(&mut first, false);
+            op(now)
+        })
+        .await
 }
 
 impl Persist {
@@ -117,7 +138,9 @@ impl Persist {
         }
         let store = self.store.clone();
         let all: Vec<AtomRow> = rows.iter().map(|(_, r)| r.clone()).collect();
-        match self.resilient.call(|| store.insert_atoms(&all)).await {
+        let looked_up = self.looked_up;
+        let insert = |first: bool| if first && looked_up { store.insert_new_atoms(&all) } else { store.insert_atoms(&all) };
+        match attempts(&self.resilient, insert).await {
             Ok(report) => {
                 self.metrics.count(super::counters::ATOMS_STORED, report.inserted as u64);
                 return Ok(());
@@ -186,7 +209,9 @@ impl Stage for Persist {
             .collect();
         if !arrivals.is_empty() {
             let store = self.store.clone();
-            match self.resilient.call(|| store.insert_arrivals(&arrivals)).await {
+            let looked_up = self.looked_up;
+            let insert = |first: bool| if first && looked_up { store.insert_new_arrivals(&arrivals) } else { store.insert_arrivals(&arrivals) };
+            match attempts(&self.resilient, insert).await {
                 Ok(report) => self.metrics.count(super::counters::ARRIVALS_STORED, report.inserted as u64),
                 Err(e) => return Err(Fatal::new("persist", format!("storing arrivals: {e}"))),
             }
