@@ -15,7 +15,9 @@
 //! - `decode_hash_dedup`: the same + the dedup stage's in-memory checks per
 //!   500-record window (an in-window `HashSet`, then the admission `ledger`), as
 //!   `dedup::Dedup` does them; the store look-up is not included;
-//! - `sha256_only`: `ContentHash::of` over the same contents, nothing else.
+//! - `sha256_only`: `ContentHash::of` over the same contents, nothing else;
+//! - `embed_hashing_384`: the built-in hashing embedder (384 dimensions) over
+//!   the same contents, nothing else.
 //!
 //! Group `embedded_topology` (N = 5 000 unique records of ~1 KiB text):
 //! - `atom_ingestion`: the whole bundled `atom-ingestion` topology (decode →
@@ -351,6 +353,18 @@ fn per_record(c: &mut Criterion) {
             let mut acc = 0u8;
             for c in &contents {
                 acc ^= ContentHash::of(black_box(c)).0[0];
+            }
+            acc
+        })
+    });
+
+    let embedder = hartonomous::embed::hashing::HashingEmbedder::new(384, 256);
+    let texts: Vec<String> = contents.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    g.bench_function("embed_hashing_384", |b| {
+        b.iter(|| {
+            let mut acc = 0.0f32;
+            for t in &texts {
+                acc += embedder.embed_one(black_box(t))[0];
             }
             acc
         })

@@ -132,12 +132,12 @@ impl Persist {
 
     /// Stores the new atoms; `Err` is fatal, per-row refusals come back as
     /// `Some(rejection)` at that row's index.
-    async fn store_atoms(&self, rows: Vec<(usize, AtomRow)>, verdicts: &mut [Option<Rejection>]) -> Result<(), Fatal> {
-        if rows.is_empty() {
+    /// `at[k]` is the index in the window of `all[k]`.
+    async fn store_atoms(&self, at: Vec<usize>, all: Vec<AtomRow>, verdicts: &mut [Option<Rejection>]) -> Result<(), Fatal> {
+        if all.is_empty() {
             return Ok(());
         }
         let store = self.store.clone();
-        let all: Vec<AtomRow> = rows.iter().map(|(_, r)| r.clone()).collect();
         let looked_up = self.looked_up;
         let insert = |first: bool| if first && looked_up { store.insert_new_atoms(&all) } else { store.insert_atoms(&all) };
         match attempts(&self.resilient, insert).await {
@@ -149,8 +149,8 @@ impl Persist {
             Err(e) => return Err(Fatal::new("persist", e.to_string())),
         }
         // One bad row fails the whole insert: write row by row to isolate it.
-        for (i, row) in rows {
-            let one = std::slice::from_ref(&row);
+        for (i, row) in at.into_iter().zip(all.iter()) {
+            let one = std::slice::from_ref(row);
             match self.resilient.call(|| store.insert_atoms(one)).await {
                 Ok(report) => self.metrics.count(super::counters::ATOMS_STORED, report.inserted as u64),
                 Err(Attempted::Rejected { error, class: ErrorClass::Invalid, attempts }) => {
@@ -172,10 +172,10 @@ impl Stage for Persist {
         let mut verdicts: Vec<Option<Rejection>> = vec![None; items.len()];
 
         // 1. The new atoms.
-        let rows: Vec<(usize, AtomRow)> =
-            items.iter().enumerate().filter(|(_, i)| i.value.admitted.store_atom).map(|(n, i)| (n, self.atom_row(i, now))).collect();
+        let (at, rows): (Vec<usize>, Vec<AtomRow>) =
+            items.iter().enumerate().filter(|(_, i)| i.value.admitted.store_atom).map(|(n, i)| (n, self.atom_row(i, now))).unzip();
         let wrote_atoms = !rows.is_empty();
-        self.store_atoms(rows, &mut verdicts).await?;
+        self.store_atoms(at, rows, &mut verdicts).await?;
         if wrote_atoms {
             failpoint::hit("persist.after_insert");
         }
