@@ -102,6 +102,7 @@ async fn run(n: usize) {
     let started = Instant::now();
     while !store.compact().await.unwrap().is_empty() {}
     let settling = started.elapsed();
+    let visible = store.atom_parts().unwrap();
     let parts_before = std::fs::read_dir(store.atoms_dir()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".parquet")).count();
     let disk: u64 = std::fs::read_dir(store.atoms_dir()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     drop(store);
@@ -144,7 +145,7 @@ async fn run(n: usize) {
     println!("\nembedded store, {n} atoms of ~1 KiB with {DIMENSION}-d embeddings, inserted {WINDOW} per call");
     println!("  {:<52} {:>12.0} atoms/s ({} in insert calls)", "insert (maintenance in the background)", n as f64 / inserting.as_secs_f64(), secs(inserting));
     println!("  {:<52} {:>12}", "last merges + indexes after the inserts", secs(settling));
-    println!("  {:<52} {:>12}  ({parts_before} part files, {:.0} MiB)", "parts on disk", "", disk as f64 / (1 << 20) as f64);
+    println!("  {:<52} {:>12}  ({visible} visible; {parts_before} files, {:.0} MiB, merged inputs kept for the grace period)", "parts", "", disk as f64 / (1 << 20) as f64);
     println!("  {:<52} {:>12}  ({read_past} parts read past the indexes)", "open (key indexes)", secs(open));
     println!("  {:<52} {:>12}", "open without indexes (every part's key columns)", secs(open_without));
     println!("  {:<52} {:>12}  (median of 20; max {})", "dedup look-up, 5,000 hashes (half stored)", secs(lookups[10]), secs(lookups[19]));

@@ -198,6 +198,11 @@ impl EmbeddedStore {
         Ok(merged)
     }
 
+    /// The `atoms` table's visible parts now (merged parts hide the ones they hold).
+    pub fn atom_parts(&self) -> Result<usize, StoreError> {
+        Ok(self.atoms.visible_parts()?.len())
+    }
+
     /// How many parts `open` read because no key index covered them.
     pub fn parts_read_at_open(&self) -> usize {
         self.parts_read_at_open
