@@ -41,6 +41,9 @@ use hartonomous::record::OutgoingRecord;
 use hartonomous::store::clickhouse::{ClickHouseConfig, ClickHouseStore};
 use serde::{Deserialize, Serialize};
 
+#[path = "../common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 mod arroyo;
 mod bare;
 mod own;
@@ -124,7 +127,7 @@ async fn child(args: Args) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match args.row.as_str() {
         "raw-consume" => {
-            let took = raw_consume(&args);
+            let took = common::raw_consume(&args.kafka, &args.topic, PARTITIONS, args.n);
             println!("TOOK {}", took.as_secs_f64());
         }
         "raw-insert" => {
@@ -149,8 +152,6 @@ struct Outcome {
     rate: f64,
     total_rate: f64,
     peak_rss_kib: u64,
-    cpu: Cpu,
-    wall: f64,
     /// CPU seconds and wall seconds of the steady part only (pipelines:
     /// first stored row to last), where the rate is measured.
     steady_cpu: Cpu,
@@ -232,7 +233,9 @@ async fn orchestrate(n: usize) {
     print_table(n, &results);
 }
 
-async fn latency_row(args: &Args) -> Outcome {
+/// Runs a row that measures itself to its end: its stdout, wall seconds,
+/// peak RSS and the CPU it and the services used meanwhile.
+fn run_to_end(row: &str, args: &Args) -> (String, f64, u64, Cpu) {
     let before = services_cpu();
     let started = Instant::now();
     let child = spawn(args);
@@ -240,20 +243,22 @@ async fn latency_row(args: &Args) -> Outcome {
     let rss = std::thread::spawn(move || peak_rss_until_exit(pid));
     let output = child.wait_with_output().unwrap();
     let wall = started.elapsed().as_secs_f64();
-    assert!(output.status.success(), "the latency row failed");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line: Vec<String> = text.lines().find_map(|l| l.strip_prefix("LATENCY ")).unwrap().split(' ').map(str::to_string).collect();
+    assert!(output.status.success(), "the {row} row failed");
     let (peak_rss_kib, own) = rss.join().unwrap();
     let mut cpu = services_cpu().minus(before);
     cpu.own = own;
+    (String::from_utf8_lossy(&output.stdout).into_owned(), wall, peak_rss_kib, cpu)
+}
+
+async fn latency_row(args: &Args) -> Outcome {
+    let (text, wall, peak_rss_kib, cpu) = run_to_end("latency", args);
+    let line: Vec<String> = text.lines().find_map(|l| l.strip_prefix("LATENCY ")).unwrap().split(' ').map(str::to_string).collect();
     let sent: f64 = line[3].parse().unwrap();
     Outcome {
         row: "latency",
         rate: sent,
         total_rate: sent,
         peak_rss_kib,
-        cpu,
-        wall,
         steady_cpu: cpu,
         steady_wall: wall,
         check: format!("p50 ≤ {} s, p99 ≤ {} s, max ≤ {} s at {sent:.0}/s; {} stored + answered", line[0], line[1], line[2], args.n + 1),
@@ -285,20 +290,9 @@ async fn ceiling(row: &'static str, args: &Args) -> Outcome {
     if row == "raw-insert" {
         store(args).await;
     }
-    let before = services_cpu();
-    let started = Instant::now();
-    let child = spawn(args);
-    let pid = child.id();
-    let rss = std::thread::spawn(move || peak_rss_until_exit(pid));
-    let output = child.wait_with_output().unwrap();
-    let wall = started.elapsed().as_secs_f64();
-    assert!(output.status.success(), "{row} failed");
-    let text = String::from_utf8_lossy(&output.stdout);
+    let (text, wall, peak_rss_kib, cpu) = run_to_end(row, args);
     let took: f64 = text.lines().find_map(|l| l.strip_prefix("TOOK ")).unwrap().parse().unwrap();
-    let (peak_rss_kib, own) = rss.join().unwrap();
-    let mut cpu = services_cpu().minus(before);
-    cpu.own = own;
-    Outcome { row, rate: args.n as f64 / took, total_rate: args.n as f64 / took, peak_rss_kib, cpu, wall, steady_cpu: cpu, steady_wall: wall, check: "n records".into() }
+    Outcome { row, rate: args.n as f64 / took, total_rate: args.n as f64 / took, peak_rss_kib, steady_cpu: cpu, steady_wall: wall, check: "n records".into() }
 }
 
 async fn store(args: &Args) -> ClickHouseStore {
@@ -310,7 +304,6 @@ async fn store(args: &Args) -> ClickHouseStore {
 async fn pipeline(row: &'static str, args: &Args, expected: u64) -> Outcome {
     let store = store(args).await;
     let n = args.n as u64;
-    let before = services_cpu();
     let started = Instant::now();
     let mut child = spawn(args);
     let pid = child.id();
@@ -343,10 +336,7 @@ async fn pipeline(row: &'static str, args: &Args, expected: u64) -> Outcome {
         let _ = Command::new("kill").args(["-INT", &p.id().to_string()]).status();
         let _ = p.wait();
     }
-    let mut cpu = services_cpu().minus(before);
-    let (hwm, own) = rss_kib(pid);
-    cpu.own = own;
-    peak = peak.max(hwm);
+    peak = peak.max(rss_kib(pid).0);
     // The outputs, with the pipeline still running (its last events may be in flight).
     let stored = store
         .query_scalar_u64("SELECT count() FROM atoms FINAL")
@@ -372,8 +362,6 @@ async fn pipeline(row: &'static str, args: &Args, expected: u64) -> Outcome {
         rate: steady,
         total_rate: n as f64 / wall,
         peak_rss_kib: peak,
-        cpu,
-        wall,
         steady_cpu: at_done.minus(at_first),
         steady_wall: (done - t_first).as_secs_f64(),
         check: format!("{n} atoms, {events} events ok"),
@@ -435,31 +423,6 @@ fn read_events(kafka: &str, topic: &str, n: usize) -> (usize, u64) {
 }
 
 // ---- the ceilings, in the child ----
-
-fn raw_consume(args: &Args) -> Duration {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &args.kafka)
-        .set("group.id", &args.group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(&args.topic, p, rdkafka::Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let started = Instant::now();
-    let mut seen = 0;
-    while seen < args.n {
-        if let Some(m) = consumer.poll(Duration::from_secs(5)) {
-            m.unwrap();
-            seen += 1;
-        }
-        assert!(started.elapsed() < Duration::from_secs(600), "raw consume saw {seen} of {}", args.n);
-    }
-    started.elapsed()
-}
 
 async fn raw_insert(args: &Args) -> Duration {
     let client = clickhouse::Client::default().with_url(&args.clickhouse).with_database(&args.database).with_validation(false);

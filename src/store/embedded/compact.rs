@@ -199,8 +199,8 @@ impl Maintenance {
 pub(super) fn compact_table(table: &Table, policy: &Policy) -> Result<Option<Merged>, StoreError> {
     let Ok(_only_one) = table.compacting.try_lock() else { return Ok(None) };
     let all = list_parts(&table.dir, false)?;
-    delete_expired(&all, policy.grace);
-    let shown = visible(all);
+    let shown = visible(all.clone());
+    delete_expired(&all, &shown, policy.grace);
     let start = shown.iter().rposition(|p| p.bytes >= policy.small_bytes).map_or(0, |i| i + 1);
     let run = &shown[start..];
     if run.len() < policy.min_parts {
@@ -213,9 +213,8 @@ pub(super) fn compact_table(table: &Table, policy: &Policy) -> Result<Option<Mer
 }
 
 /// Deletes hidden parts whose covering part is older than `grace`.
-fn delete_expired(all: &[Part], grace: Duration) {
-    let shown = visible(all.to_vec());
-    for part in hidden(all) {
+fn delete_expired(all: &[Part], shown: &[Part], grace: Duration) {
+    for part in hidden(all, shown) {
         let Some(cover) = shown.iter().find(|v| v.first <= part.first && part.last <= v.last) else { continue };
         let age = fs::metadata(&cover.path).and_then(|m| m.modified()).ok().and_then(|t| SystemTime::now().duration_since(t).ok());
         if age.is_some_and(|a| a >= grace) {
