@@ -147,6 +147,7 @@ async fn a_spent_budget_pauses_partitions_and_nothing_is_lost() {
     let report = run.await.unwrap().unwrap();
     assert_eq!(Metrics::get(&h.metrics.records_in), 40);
     assert_eq!(Metrics::get(&h.metrics.records_done), 40);
+    assert_eq!(h.metrics.end_to_end().count, 40, "every finished record's end-to-end latency is observed");
     assert_eq!(report.committed.get(&TopicPartition::new("in", 0)), Some(&40));
     assert!(h.seen.lock().unwrap().iter().all(|n| *n <= 2));
 }

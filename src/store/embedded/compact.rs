@@ -139,10 +139,18 @@ impl Maintenance {
         self.inserts.store(0, Ordering::Relaxed);
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.run().await {
-                tracing::warn!(error = %e, "embedded store maintenance failed; it is tried again after later inserts");
+            loop {
+                if let Err(e) = this.run().await {
+                    tracing::warn!(error = %e, "embedded store maintenance failed; it is tried again after later inserts");
+                }
+                this.running.store(false, Ordering::Release);
+                // Inserts that came due while this run was busy found it
+                // running and left their run to it: run again for them.
+                if this.inserts.load(Ordering::Relaxed) < this.policy.min_parts || this.running.swap(true, Ordering::AcqRel) {
+                    break;
+                }
+                this.inserts.store(0, Ordering::Relaxed);
             }
-            this.running.store(false, Ordering::Release);
         });
     }
 

@@ -615,6 +615,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn inserts_start_merges_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = EmbeddedStore::open(dir.path()).unwrap();
+        store.set_compaction_policy(Policy { min_parts: 3, background: true, ..Policy::default() });
+        let rows: Vec<AtomRow> = (0..6).map(|i| atom(&format!("content {i}"), i)).collect();
+        for row in &rows {
+            store.insert_atoms(std::slice::from_ref(row)).await.unwrap();
+        }
+        let waited = std::time::Instant::now();
+        while store.atom_parts().unwrap() > 2 {
+            assert!(waited.elapsed() < std::time::Duration::from_secs(10), "no merge after 6 inserts: {} parts", store.atom_parts().unwrap());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(count(&store, "atoms").await, 6);
+        assert_eq!(stored_hashes(&store).await, sorted_hex(&rows));
+    }
+
+    #[tokio::test]
     async fn a_merge_cut_short_at_any_point_loses_and_repeats_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let rows: Vec<AtomRow> = (0..6).map(|i| atom(&format!("content {i}"), i)).collect();
