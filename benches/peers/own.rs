@@ -36,6 +36,14 @@ fn setup(args: &Args) -> (Profile, TopologySpec) {
     kafka.session_timeout_ms = 6000;
     kafka.heartbeat_interval_ms = 500;
     kafka.create_topics = true;
+    // Experiments (this row only): HARTONOMOUS_PEERS_LINGER=ms (the
+    // producer's linger.ms), HARTONOMOUS_PEERS_QUEUED_KB=kB (the consumer's
+    // prefetch, queued.max.messages.kbytes).
+    for (name, key) in [("HARTONOMOUS_PEERS_LINGER", "linger.ms"), ("HARTONOMOUS_PEERS_QUEUED_KB", "queued.max.messages.kbytes")] {
+        if let Ok(v) = std::env::var(name) {
+            kafka.properties.insert(key.to_string(), v);
+        }
+    }
     let mut store = ClickHouseConfig::new(args.clickhouse.clone(), args.database.clone());
     store.migrate_on_start = true;
     let profile = Profile {

@@ -15,7 +15,10 @@ have_curl_headers() { [ -e /usr/include/curl/curl.h ] || compgen -G '/usr/includ
 if ! command -v cmake >/dev/null || ! have_curl_headers; then
   echo "== installing cmake and libcurl4-openssl-dev (apt)"
   sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_=sudo
-  $sudo_ apt-get install -y cmake libcurl4-openssl-dev >/dev/null
+  # A stale package index can ask for versions the mirror no longer has
+  # (libcurl4-openssl-dev against an upgraded libcurl4): refresh and retry.
+  $sudo_ apt-get install -y cmake libcurl4-openssl-dev >/dev/null \
+    || { $sudo_ apt-get update >/dev/null && $sudo_ apt-get install -y cmake libcurl4-openssl-dev >/dev/null; }
 fi
 tests/services.sh up
 eval "$(tests/services.sh env)"

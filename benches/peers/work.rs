@@ -122,13 +122,14 @@ pub fn now_ms() -> i64 {
 }
 
 /// The events' producer every peer uses: acks from all replicas, idempotent,
-/// 5 ms linger (what the processor's Kafka producer sets too).
+/// the processor's default linger (`DEFAULT_LINGER_MS`), so that no row
+/// wins by batching its events differently.
 pub fn event_producer(kafka: &str) -> rdkafka::producer::FutureProducer {
     rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka)
         .set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        .set("linger.ms", hartonomous::log::kafka::DEFAULT_LINGER_MS.to_string())
         .create()
         .unwrap()
 }

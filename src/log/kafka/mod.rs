@@ -13,7 +13,8 @@
 //!   `statistics.interval.ms` (the per-partition log end and lag come from the
 //!   statistics, which stay correct on brokers whose ListOffsets answer is not).
 //! - producer: `acks=all`, `enable.idempotence=true` (retries never duplicate
-//!   or reorder), `linger.ms=5`.
+//!   or reorder), `linger.ms=25` unless configured ([`DEFAULT_LINGER_MS`]:
+//!   a window's events then leave as one batch per partition).
 //!
 //! Every librdkafka error is classified in one place, [`classify`].
 
@@ -40,7 +41,7 @@ pub use consumer::KafkaConsumer;
 pub use error::classify;
 pub use lag::{PartitionLag, group_lag, render as render_lag};
 pub use offsets::{group_commit, group_committed};
-pub use producer::KafkaProducer;
+pub use producer::{DEFAULT_LINGER_MS, KafkaProducer};
 pub use range::{Bound, PartitionRead, RangeReport, RangeSpec, read_range};
 pub use scan::KafkaScanner;
 
