@@ -36,6 +36,13 @@
 //! Then apache-avro decodes the body with the writer schema and resolves it
 //! to the reader ([`super::wire::decode`]).
 //!
+//! Except on the fast path: a writer that passes 1 and is a flat record (the
+//! usual case) also gets a [`super::direct::Program`], which reads a body in
+//! one pass straight into the reader's value, checking every length and
+//! count against the bytes left (so 2 and 3 hold without the walk). It
+//! answers only for bodies it decodes; any other body goes the way above, so
+//! rejections and their reasons are apache-avro's.
+//!
 //! [`Decoder`] makes both decisions once per schema id and keeps them;
 //! [`decode_message`] makes them on every call, for one-off decoding.
 
@@ -45,6 +52,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use apache_avro::Schema;
 use apache_avro::types::Value;
 
+use super::direct::Program;
 use super::depth::{DECODE_STACK_BYTES, INLINE_DEPTH, MAX_DEPTH, WalkError, Walker};
 use super::registry::{DecodeError, SchemaRegistry};
 use super::wire::{self, SchemaProblem, WireError};
@@ -125,6 +133,8 @@ struct Plan {
     writer: Arc<Schema>,
     /// `Err`: every record with this id is rejected with it.
     verdict: Result<Route, WireError>,
+    /// The one-pass decoder, for a writer of the right type that compiles.
+    direct: Option<Program>,
 }
 
 enum Route {
@@ -146,10 +156,14 @@ impl Plan {
                 message: format!("schema id {id} cannot be used to decode: {e}"),
             }),
         });
-        Self { writer, verdict }
+        let direct = if verdict.is_ok() { Program::compile(&writer, reader) } else { None };
+        Self { writer, verdict, direct }
     }
 
     fn decode(&self, id: u32, reader: &Schema, body: &[u8]) -> Result<Value, DecodeError> {
+        if let Some(value) = self.direct.as_ref().and_then(|p| p.decode(body)) {
+            return Ok(value);
+        }
         let walker = match &self.verdict {
             Err(e) => return Err(e.clone().into()),
             Ok(Route::Inline) => return Ok(wire::decode(&self.writer, reader, body)?),

@@ -49,6 +49,7 @@ use apache_avro::Schema;
 pub mod confluent;
 pub mod decoder;
 pub mod depth;
+pub mod direct;
 pub mod json;
 pub mod registry;
 pub mod wire;
