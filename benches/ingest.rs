@@ -9,8 +9,10 @@
 //! an earlier record's content, all Avro in the Confluent wire format, written
 //! with the bundled `AtomIngestionRequest` schema registered in a
 //! `FileRegistry`; single thread, no runtime):
-//! - `decode`: `avro::decode_message` (split the header, look up the writer
-//!   schema, decode, resolve to the reader schema) + `decode::to_request`;
+//! - `decode`: `avro::decoder::Decoder::decode`, one decoder for the run as
+//!   the decode stage has (split the header, the writer schema's checks and
+//!   one-pass program once per schema id, decode, resolve to the reader
+//!   schema) + `FromAvro::from_avro` (the value → the request, as the stage);
 //! - `decode_hash`: the same + `ContentHash::of` (SHA-256 of the content);
 //! - `decode_hash_dedup`: the same + the dedup stage's in-memory checks per
 //!   500-record window (an in-window `HashSet`, then the admission `ledger`), as
@@ -68,6 +70,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
@@ -76,7 +79,8 @@ use tempfile::TempDir;
 use hartonomous::topology::atom_ingestion::counters;
 use hartonomous::app::{Embedded, Summary};
 use hartonomous::atom::{AtomIngestionRequest, AtomRow, ContentHash};
-use hartonomous::avro::{self, FileRegistry, SchemaRegistry, Schemas};
+use hartonomous::avro::decoder::Decoder;
+use hartonomous::avro::{self, FileRegistry, Schemas};
 use hartonomous::clock;
 use hartonomous::config::{EMBEDDED_PROFILE, EmbedderProfile, Profile};
 use hartonomous::embed::Embedder;
@@ -86,7 +90,8 @@ use hartonomous::log::embedded::EmbeddedLog;
 use hartonomous::record::{Headers, OutgoingRecord};
 use hartonomous::store::AtomStore;
 use hartonomous::store::embedded::EmbeddedStore;
-use hartonomous::topology::atom_ingestion::{decode, ledger};
+use hartonomous::topology::atom_ingestion::ledger;
+use hartonomous::topology::decode::FromAvro;
 use hartonomous::topology::{self, spec::TopologySpec};
 
 /// Records in the `per_record` group (bench mode).
@@ -215,7 +220,7 @@ struct Corpus {
     records: Vec<OutgoingRecord>,
     /// Id of the current `AtomIngestionRequest` under `<topic>-value`.
     schema_id: u32,
-    registry: FileRegistry,
+    registry: Arc<FileRegistry>,
     _dir: TempDir,
 }
 
@@ -250,18 +255,18 @@ fn corpus(n: usize, repeat_every: Option<usize>, topic: &str) -> Corpus {
             }
         })
         .collect();
-    Corpus { requests, unique, records, schema_id, registry, _dir: dir }
+    Corpus { requests, unique, records, schema_id, registry: Arc::new(registry), _dir: dir }
 }
 
 // ---------------------------------------------------------------------------
 // Group `per_record`
 // ---------------------------------------------------------------------------
 
-fn decode_one(registry: &dyn SchemaRegistry, reader: &apache_avro::Schema, payload: &[u8]) -> AtomIngestionRequest {
+fn decode_one(decoder: &Decoder, payload: &[u8]) -> AtomIngestionRequest {
     // FileRegistry answers from memory with a ready future, so polling it on
     // the current thread measures the decode, not a runtime.
-    let (_, value) = futures::executor::block_on(avro::decode_message(registry, reader, payload)).expect("decode_message");
-    decode::to_request(&value).expect("to_request")
+    let (_, value) = futures::executor::block_on(decoder.decode(payload)).expect("decode");
+    AtomIngestionRequest::from_avro(value).expect("from_avro")
 }
 
 fn per_record(c: &mut Criterion) {
@@ -269,13 +274,14 @@ fn per_record(c: &mut Criterion) {
     let spec = topology::bundled("atom-ingestion").expect("bundled topology");
     let corpus = corpus(n, Some(10), &spec.source.topic);
     let reader = Schemas::current(&spec.source.schema).expect("reader schema").schema.clone();
-    let registry: &dyn SchemaRegistry = &corpus.registry;
+    // As the decode stage: one decoder, its verdict per writer schema id kept.
+    let decoder = Decoder::new(corpus.registry.clone(), reader);
     let payloads: Vec<&[u8]> = corpus.records.iter().map(|r| r.payload.as_slice()).collect();
     let contents: Vec<&[u8]> = corpus.requests.iter().map(|r| r.content.as_slice()).collect();
 
     // Once, untimed: what is measured decodes to exactly what was encoded.
     for (p, req) in payloads.iter().zip(&corpus.requests) {
-        assert_eq!(&decode_one(registry, &reader, p), req);
+        assert_eq!(&decode_one(&decoder, p), req);
     }
     let mean = contents.iter().map(|c| c.len()).sum::<usize>() / n;
     assert!((900..=1200).contains(&mean), "mean content size {mean}");
@@ -296,7 +302,7 @@ fn per_record(c: &mut Criterion) {
         b.iter(|| {
             let mut bytes = 0usize;
             for p in &payloads {
-                bytes += decode_one(registry, &reader, black_box(p)).content.len();
+                bytes += decode_one(&decoder, black_box(p)).content.len();
             }
             assert_eq!(bytes, total_bytes);
             bytes
@@ -307,7 +313,7 @@ fn per_record(c: &mut Criterion) {
         b.iter(|| {
             let mut hashes = Vec::with_capacity(n);
             for p in &payloads {
-                let req = decode_one(registry, &reader, black_box(p));
+                let req = decode_one(&decoder, black_box(p));
                 hashes.push(ContentHash::of(&req.content));
             }
             assert_eq!(hashes.len(), n);
@@ -323,7 +329,7 @@ fn per_record(c: &mut Criterion) {
                 let hashed: Vec<(AtomIngestionRequest, ContentHash)> = window
                     .iter()
                     .map(|p| {
-                        let req = decode_one(registry, &reader, black_box(p));
+                        let req = decode_one(&decoder, black_box(p));
                         let h = ContentHash::of(&req.content);
                         (req, h)
                     })
