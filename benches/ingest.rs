@@ -116,7 +116,13 @@ fn test_mode() -> bool {
 }
 
 fn sizes() -> (usize, usize) {
-    if test_mode() { (1_000, 500) } else { (PER_RECORD_N, TOPOLOGY_N) }
+    if test_mode() {
+        return (1_000, 500);
+    }
+    // HARTONOMOUS_INGEST_TOPOLOGY_RECORDS: more records than one window
+    // (5,000), so that the stages overlap as they do on a stream.
+    let topology_n = std::env::var("HARTONOMOUS_INGEST_TOPOLOGY_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(TOPOLOGY_N);
+    (PER_RECORD_N, topology_n)
 }
 
 // ---------------------------------------------------------------------------
