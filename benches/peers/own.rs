@@ -22,11 +22,15 @@ fn setup(args: &Args) -> (Profile, TopologySpec) {
         .replace("\"atoms.ingest\"", &format!("\"{}\"", args.topic));
     let mut spec = TopologySpec::parse(Path::new("peers"), &text).unwrap();
     spec.source.group = Some(args.group.clone());
-    // Experiments: HARTONOMOUS_PEERS_WINDOW=records, HARTONOMOUS_PEERS_IN_FLIGHT=records.
+    // Experiments: HARTONOMOUS_PEERS_WINDOW=records, HARTONOMOUS_PEERS_WINDOW_AGE_MS=ms,
+    // HARTONOMOUS_PEERS_IN_FLIGHT=records.
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
     if let Some(w) = env("HARTONOMOUS_PEERS_WINDOW") {
         spec.window.max_records = w;
         spec.window.max_bytes = spec.window.max_bytes.max(w * 2048);
+    }
+    if let Some(ms) = env("HARTONOMOUS_PEERS_WINDOW_AGE_MS") {
+        spec.window.max_age_ms = ms as u64;
     }
     if let Some(n) = env("HARTONOMOUS_PEERS_IN_FLIGHT") {
         spec.limits.in_flight_records = n;
