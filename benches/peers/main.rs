@@ -221,7 +221,10 @@ async fn orchestrate(n: usize) {
                     eprintln!("peers: the latency row needs the hartonomous row's rate; add `hartonomous` to HARTONOMOUS_PEERS_ROWS");
                     continue;
                 };
-                let rate = own.rate / 2.0;
+                // Half the measured rate, as the target says; other shares
+                // (HARTONOMOUS_PEERS_LATENCY_SHARE=0.25) find where it holds.
+                let share = std::env::var("HARTONOMOUS_PEERS_LATENCY_SHARE").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.5);
+                let rate = own.rate * share;
                 let args = Args { topic: format!("{topic}.latency"), rate, n: ((rate * LATENCY_SECONDS) as usize).max(1_000), ..args };
                 ensure_topics(&config, &[(args.topic.as_str(), PARTITIONS), (args.out_topic.as_str(), PARTITIONS)]).await.unwrap();
                 latency_row(&args).await
