@@ -279,6 +279,19 @@ mod tests {
         Schema::parse_str(json).unwrap()
     }
 
+    #[test]
+    fn every_bundled_request_version_gets_the_one_pass_program() {
+        // A silent fall back to apache-avro would keep every result and lose
+        // the speed; the schemas topics carry must compile.
+        for version in [1, 2] {
+            let writer = Schemas::version(ATOM_INGESTION_REQUEST, version).unwrap().schema.clone();
+            let plan = Plan::new(version, writer, &reader());
+            assert!(plan.verdict.is_ok() && plan.direct.is_some(), "version {version}");
+        }
+        // A recursive writer is walked the usual way.
+        assert!(Plan::new(9, Arc::new(recursive_request()), &reader()).direct.is_none());
+    }
+
     /// The v2 request schema with one more field, `next`, of type
     /// `["null", <itself>]`: valid, same name, and recursive.
     fn recursive_request() -> Schema {

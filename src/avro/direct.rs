@@ -73,7 +73,7 @@ enum Read {
 }
 
 /// What a number becomes (Avro's promotions).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Num {
     Int,
     Long,
@@ -208,7 +208,7 @@ fn num(reader: &Schema, allowed: &[Num]) -> Option<Num> {
         Schema::Double => Num::Double,
         _ => return None,
     };
-    allowed.iter().any(|a| std::mem::discriminant(a) == std::mem::discriminant(&n)).then_some(n)
+    allowed.contains(&n).then_some(n)
 }
 
 /// The reader union branch a `writer` datum goes to, where apache-avro's

@@ -35,12 +35,7 @@ pub struct KafkaProducer {
 
 impl KafkaProducer {
     pub fn new(config: &KafkaConfig) -> Result<Self, LogError> {
-        let mut c = config.client_config()?;
-        c.set("acks", "all").set("enable.idempotence", "true");
-        if !config.properties.contains_key("linger.ms") && !config.properties.contains_key("queue.buffering.max.ms") {
-            c.set("linger.ms", DEFAULT_LINGER_MS.to_string());
-        }
-        let inner = c
+        let inner = client_config(config)?
             .create_with_context(LogContext { name: "producer" })
             .map_err(|e| with_context(classify(&e), "creating the kafka producer"))?;
         Ok(Self { inner })
@@ -52,6 +47,16 @@ impl KafkaProducer {
             Err((e, _)) => Err(with_context(classify(&e), &format!("producing to `{}`", record.topic))),
         }
     }
+}
+
+/// The producer's librdkafka settings: the configured ones, then ours.
+fn client_config(config: &KafkaConfig) -> Result<rdkafka::ClientConfig, LogError> {
+    let mut c = config.client_config()?;
+    c.set("acks", "all").set("enable.idempotence", "true");
+    if !config.properties.contains_key("linger.ms") && !config.properties.contains_key("queue.buffering.max.ms") {
+        c.set("linger.ms", DEFAULT_LINGER_MS.to_string());
+    }
+    Ok(c)
 }
 
 fn future_record(record: &OutgoingRecord) -> FutureRecord<'_, [u8], [u8]> {
@@ -92,5 +97,25 @@ impl LogProducer for KafkaProducer {
                 Err(_) => Err(LogError::Unavailable(format!("producing to `{topic}`: the producer went away before the broker answered"))),
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linger_defaults_to_a_window_sized_wait_unless_configured() {
+        let config = KafkaConfig::new("127.0.0.1:1".to_string());
+        assert_eq!(client_config(&config).unwrap().get("linger.ms"), Some("25"));
+        for key in ["linger.ms", "queue.buffering.max.ms"] {
+            let mut config = KafkaConfig::new("127.0.0.1:1".to_string());
+            config.properties.insert(key.to_string(), "0".to_string());
+            let c = client_config(&config).unwrap();
+            assert_eq!(c.get(key), Some("0"));
+            if key != "linger.ms" {
+                assert_eq!(c.get("linger.ms"), None);
+            }
+        }
     }
 }
