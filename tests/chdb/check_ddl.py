@@ -715,6 +715,28 @@ def group_fresh(c: Checks, engine: Engine) -> None:
 
     c.check("fresh::retried_chunk_with_the_same_token_is_dropped", dedup_token)
 
+    def hash_look_ups():
+        # The store's content-hash look-ups (src/store/clickhouse/query.rs)
+        # bind the window's hashes as one array literal for `?`: the shape
+        # must select exactly the stored rows on a current engine too.
+        source = (ROOT / "src/store/clickhouse/query.rs").read_text(encoding="utf-8")
+        literals = [re.sub(r"\\\n\s*", "", m) for m in re.findall(r'"(SELECT content_hash[^"]*)"', source, re.S)]
+        look_ups = [q for q in literals if "IN (SELECT arrayJoin(?))" in q]
+        expect_eq(len(look_ups), 2, f"content-hash look-ups in query.rs: {literals}")
+        t = 1_763_000_000_000
+        stored = [atom(f"look-{i}", "crm", f"l-{i}", 0, i, t) for i in range(3)]
+        insert(engine, "atoms", ATOM_COLUMNS_WRITTEN, stored)
+        asked = [stored[0]["content_hash"], sha256_hex("absent"), stored[2]["content_hash"]]
+        array = "[" + ", ".join(lit(h) for h in asked) + "]"
+        for q in look_ups:
+            got = sorted(r[0] for r in engine.rows(q.replace("?", array)))
+            expect_eq(got, sorted([stored[0]["content_hash"], stored[2]["content_hash"]]), f"hashes found by {q}")
+        engine.run("TRUNCATE TABLE atoms")
+        engine.run("TRUNCATE TABLE atoms_per_source_hour")
+        return f"{len(look_ups)} look-ups, 2 of 3 asked found"
+
+    c.check("fresh::content_hash_look_ups_find_exactly_the_stored", hash_look_ups)
+
     def zero_datetime():
         # 001_atoms.sql: the clamped zero DateTime prints as 1970-01-01 00:00:00
         # on current releases (0000-00-00 00:00:00 on 18.16).
