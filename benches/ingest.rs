@@ -19,7 +19,10 @@
 //!   `dedup::Dedup` does them; the store look-up is not included;
 //! - `sha256_only`: `ContentHash::of` over the same contents, nothing else;
 //! - `embed_hashing_384`: the built-in hashing embedder (384 dimensions) over
-//!   the same contents, nothing else.
+//!   the same contents, nothing else;
+//! - `event_encode_value` / `event_encode_direct`: one `AtomIngested` event
+//!   per record framed for the output topic, the old way (`to_value`,
+//!   `resolve`, `wire::encode`) and the publish stage's (`wire::encode_ser`).
 //!
 //! Group `embedded_topology` (N = 5 000 unique records of ~1 KiB text):
 //! - `atom_ingestion`: the whole bundled `atom-ingestion` topology (decode →
@@ -78,7 +81,8 @@ use tempfile::TempDir;
 
 use hartonomous::topology::atom_ingestion::counters;
 use hartonomous::app::{Embedded, Summary};
-use hartonomous::atom::{AtomIngestionRequest, AtomRow, ContentHash};
+use apache_avro::writer::datum::GenericDatumWriter;
+use hartonomous::atom::{ArrivalOutcome, AtomIngested, AtomIngestionRequest, AtomRow, ContentHash};
 use hartonomous::avro::decoder::Decoder;
 use hartonomous::avro::{self, FileRegistry, Schemas};
 use hartonomous::clock;
@@ -367,6 +371,48 @@ fn per_record(c: &mut Criterion) {
                 acc ^= ContentHash::of(black_box(c)).0[0];
             }
             acc
+        })
+    });
+
+    // The publish stage's encoding of each request's answer.
+    let event_schema = Schemas::current("AtomIngested").expect("event schema").schema.clone();
+    let events: Vec<AtomIngested> = corpus
+        .requests
+        .iter()
+        .enumerate()
+        .map(|(i, req)| AtomIngested {
+            content_hash: ContentHash::of(&req.content).to_hex(),
+            content_type: req.content_type.clone(),
+            content_size: req.content.len() as i64,
+            source_system: req.source_system.clone(),
+            correlation_id: req.correlation_id.clone(),
+            embedding_model: "hashing-v1-d384".into(),
+            embedding_dimension: 384,
+            source_topic: spec.source.topic.clone(),
+            source_partition: (i % 3) as i32,
+            source_offset: i as i64,
+            ingested_at_ms: 1_796_000_000_000 + i as i64,
+            outcome: ArrivalOutcome::Created,
+        })
+        .collect();
+    g.bench_function("event_encode_value", |b| {
+        b.iter(|| {
+            let mut bytes = 0usize;
+            for e in &events {
+                let value = apache_avro::to_value(black_box(e)).unwrap().resolve(&event_schema).unwrap();
+                bytes += avro::wire::encode(1, &event_schema, &value).unwrap().len();
+            }
+            bytes
+        })
+    });
+    g.bench_function("event_encode_direct", |b| {
+        b.iter(|| {
+            let writer = GenericDatumWriter::builder(&event_schema).build().unwrap();
+            let mut bytes = 0usize;
+            for e in &events {
+                bytes += avro::wire::encode_ser(1, &writer, black_box(e)).unwrap().len();
+            }
+            bytes
         })
     });
 
