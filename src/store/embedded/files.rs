@@ -265,7 +265,15 @@ pub(super) fn write_parquet_file(path: &Path, schema: &SchemaRef, batches: &[Rec
         .create_new(true)
         .open(path)
         .map_err(|e| io_error(format_args!("create {}", path.display()), e))?;
-    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+    // No dictionary encoding in the parts inserts write: the columns that
+    // dominate them (contents, which dedup makes unique, hashes and
+    // embeddings) have no repeats, so the writer built a dictionary, gave up
+    // at its size limit and wrote them plainly anyway. Measured on 5,000
+    // atoms of 1 KiB with 384-d hashing embeddings: 2.6 × faster to write
+    // (debug build), 2.3 % larger; the release `embedded_topology/raw_insert`
+    // bench went from 41k to 57k rows/s. Compaction (`compact.rs`) writes merged parts with
+    // dictionaries, where repeats across parts pay off.
+    let props = WriterProperties::builder().set_compression(Compression::SNAPPY).set_dictionary_enabled(false).build();
     let context = || format!("write {}", path.display());
     let mut writer =
         ArrowWriter::try_new(&file, schema.clone(), Some(props)).map_err(|e| parquet_error(context(), e))?;
