@@ -11,9 +11,9 @@ use super::migrate::split_statements;
 use crate::atom::{ArrivalOutcome, ContentHash, SourcePosition};
 use crate::store::{DeadLetterRow, StoreError};
 
-/// Keys per `IN (...)` query. ClickHouse 18.16 parses at most
-/// `max_query_size` = 256 KiB of query text by default; 2,000 quoted hashes
-/// are about 136 KB.
+/// Offsets per `IN (...)` tuple query (arrival and dead-letter look-ups by
+/// position, a few per window at most: only redeliveries ask). Content
+/// hashes go in as an array, see [`HASHES_PER_QUERY`].
 const KEYS_PER_QUERY: usize = 2_000;
 
 /// Content hashes per look-up. The hashes go in as one array literal,

@@ -271,8 +271,8 @@ pub(super) fn write_parquet_file(path: &Path, schema: &SchemaRef, batches: &[Rec
     // at its size limit and wrote them plainly anyway. Measured on 5,000
     // atoms of 1 KiB with 384-d hashing embeddings: 2.6 × faster to write
     // (debug build), 2.3 % larger; the release `embedded_topology/raw_insert`
-    // bench went from 41k to 57k rows/s. Compaction (`compact.rs`) writes merged parts with
-    // dictionaries, where repeats across parts pay off.
+    // bench went from 41k to 57k rows/s. Compaction (`compact.rs`) writes
+    // merged parts with dictionaries, where repeats across parts pay off.
     let props = WriterProperties::builder().set_compression(Compression::SNAPPY).set_dictionary_enabled(false).build();
     let context = || format!("write {}", path.display());
     let mut writer =
