@@ -68,12 +68,29 @@ pub struct InferenceResult {
     pub correlation_id: String,
     /// `COMPLETE` or `PARTIAL` (a compensated request gets
     /// [`InferenceCompensated`] instead, never a result).
+    #[serde(serialize_with = "inference_status")]
     pub status: String,
     pub aggregation: String,
     pub output: Option<String>,
     pub score: Option<f64>,
     pub model_outputs: Vec<ModelVote>,
     pub completed_at_ms: i64,
+}
+
+/// The symbols of the schema's `InferenceStatus` enum, in schema order
+/// (a test checks them against the bundled schema).
+pub const INFERENCE_STATUSES: [&str; 4] = ["COMPLETE", "PARTIAL", "FAILED", "COMPENSATED"];
+
+/// Writes [`InferenceResult::status`] as the enum symbol it names. A
+/// schema-aware Avro writer encodes a symbol only from a unit variant (a
+/// string fits a string schema only); JSON and `apache_avro::to_value` still
+/// see the plain string. A status that is no symbol is an error, as it was
+/// when the event was resolved against the schema.
+fn inference_status<S: serde::Serializer>(status: &str, s: S) -> Result<S::Ok, S::Error> {
+    match INFERENCE_STATUSES.iter().position(|&symbol| symbol == status) {
+        Some(i) => s.serialize_unit_variant("InferenceStatus", i as u32, INFERENCE_STATUSES[i]),
+        None => Err(serde::ser::Error::custom(format!("`{status}` is not an InferenceStatus symbol ({})", INFERENCE_STATUSES.join(", ")))),
+    }
 }
 
 /// A saga step failed: undo the steps before it (see the schema's doc).

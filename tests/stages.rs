@@ -920,7 +920,7 @@ async fn publish_one_decodable_event_per_item_keyed_by_hash_with_trace() {
     for (rec, sent) in published.iter().zip(&events) {
         assert_eq!(rec.key.as_deref(), Some(sent.content_hash.as_bytes()), "keyed by content hash");
         let (id, value) = avro::decode_message(&registry, reader, &rec.payload).await.unwrap();
-        assert_eq!(id, stage.schema_id);
+        assert_eq!(id, registry.list()[0].id, "framed with the id of the topic's subject");
         let back: AtomIngested = apache_avro::from_value(&value).unwrap();
         assert_eq!(&back, sent);
         assert_eq!(rec.event_time_ms, sent.ingested_at_ms);

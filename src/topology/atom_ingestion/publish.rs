@@ -8,25 +8,18 @@
 //! none is lost.
 use std::sync::Arc;
 
-use apache_avro::Schema;
-use apache_avro::writer::datum::GenericDatumWriter;
-
 use crate::atom::AtomIngested;
-use crate::avro::{SchemaRegistry, Schemas, wire};
+use crate::avro::SchemaRegistry;
 use crate::failpoint;
 use crate::flow::{Item, Metrics, Stage};
 use crate::log::LogProducer;
 use crate::outcome::{ErrorClass, Fatal, Outcome, Rejection};
-use crate::record::{Headers, OutgoingRecord};
 use crate::resilience::{Attempted, Resilient};
+use crate::topology::emit::Emitter;
 
 pub struct Publish {
-    pub producer: Arc<dyn LogProducer>,
-    pub topic: String,
-    pub schema: Arc<Schema>,
-    pub schema_id: u32,
-    pub resilient: Resilient,
-    pub metrics: Arc<Metrics>,
+    emitter: Emitter,
+    metrics: Arc<Metrics>,
 }
 
 impl Publish {
@@ -39,13 +32,7 @@ impl Publish {
         resilient: Resilient,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Fatal> {
-        let current = Schemas::current(schema_name).ok_or_else(|| Fatal::new("publish", format!("no bundled schema named `{schema_name}`")))?;
-        let schema = current.schema.clone();
-        let schema_id = registry
-            .register(&Schemas::subject(topic), &schema)
-            .await
-            .map_err(|e| Fatal::new("publish", format!("registering {schema_name} for {topic}: {e}")))?;
-        Ok(Self { producer, topic: topic.to_string(), schema, schema_id, resilient, metrics })
+        Ok(Self { emitter: Emitter::new("publish", producer, registry, topic, schema_name, resilient).await?, metrics })
     }
 }
 
@@ -54,28 +41,13 @@ impl Stage for Publish {
     type Out = ();
 
     async fn process(&mut self, items: Vec<Item<AtomIngested>>) -> Result<Vec<Outcome<()>>, Fatal> {
-        // Events are serialised straight to Avro (`wire::encode_ser`): a
-        // tenth of the CPU of building and resolving a `Value` per event.
-        let writer = GenericDatumWriter::builder(&self.schema)
-            .build()
-            .map_err(|e| Fatal::new("publish", format!("the AtomIngested schema: {e}")))?;
         let mut sends = Vec::with_capacity(items.len());
         for item in &items {
-            let payload = wire::encode_ser(self.schema_id, &writer, &item.value).map_err(|e| Fatal::new("publish", format!("encoding AtomIngested: {e}")))?;
-            let mut headers = Headers::new();
-            if let Some(tp) = item.record.headers.get("traceparent") {
-                headers.insert("traceparent", tp.to_vec());
-            }
-            let out = OutgoingRecord {
-                topic: self.topic.clone(),
-                partition: None,
-                key: Some(item.value.content_hash.clone().into_bytes()),
-                payload,
-                headers,
-                event_time_ms: Some(item.value.ingested_at_ms),
-            };
-            let (producer, resilient) = (self.producer.as_ref(), &self.resilient);
-            sends.push(async move { resilient.call(|| producer.send(out.clone())).await });
+            // Keyed by content hash, so every answer about one atom lands on
+            // one partition in order; timestamped with the ingestion time.
+            let mut out = self.emitter.record(&item.value, &item.value.content_hash, Some(&item.record), None)?;
+            out.event_time_ms = Some(item.value.ingested_at_ms);
+            sends.push(self.emitter.send(out));
         }
         let mut outcomes = Vec::with_capacity(items.len());
         for result in futures::future::join_all(sends).await {
@@ -94,45 +66,5 @@ impl Stage for Publish {
             failpoint::hit("publish.after_ack");
         }
         Ok(outcomes)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::atom::ArrivalOutcome;
-
-    fn event(outcome: ArrivalOutcome, model: &str, dimension: i32) -> AtomIngested {
-        AtomIngested {
-            content_hash: "ab".repeat(32),
-            content_type: "text/plain".into(),
-            content_size: 1_048_576,
-            source_system: "crm ünïcode".into(),
-            correlation_id: String::new(),
-            embedding_model: model.into(),
-            embedding_dimension: dimension,
-            source_topic: "atoms.ingest".into(),
-            source_partition: 2,
-            source_offset: i64::MAX,
-            ingested_at_ms: -1,
-            outcome,
-        }
-    }
-
-    /// The direct encoding is what the `Value` path wrote, byte for byte,
-    /// and reads back as the same event under the bundled schema.
-    #[test]
-    fn events_encode_as_the_resolved_value_did() {
-        let schema = Schemas::current("AtomIngested").unwrap().schema.clone();
-        let writer = GenericDatumWriter::builder(&schema).build().unwrap();
-        for e in [event(ArrivalOutcome::Created, "hashing-v1-d384", 384), event(ArrivalOutcome::Matched, "", 0)] {
-            let value = apache_avro::to_value(&e).unwrap().resolve(&schema).unwrap();
-            let direct = wire::encode_ser(3, &writer, &e).unwrap();
-            assert_eq!(direct, wire::encode(3, &schema, &value).unwrap(), "{e:?}");
-            let (id, body) = wire::split(&direct).unwrap();
-            assert_eq!(id, 3);
-            let back: AtomIngested = apache_avro::from_value(&wire::decode(&schema, &schema, body).unwrap()).unwrap();
-            assert_eq!(back, e);
-        }
     }
 }
