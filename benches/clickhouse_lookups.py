@@ -18,28 +18,39 @@ building the set) and a bare scan of the hash column.
 
     eval "$(tests/services.sh env)"      # after `tests/services.sh up`
     python3 benches/clickhouse_lookups.py [ROWS] [REPEAT]
+    PYTHONPATH=$HARTONOMOUS_TEST_CHDB_PATH python3 benches/clickhouse_lookups.py --chdb [ROWS] [REPEAT]
 
 The server is $HARTONOMOUS_TEST_CLICKHOUSE (default http://127.0.0.1:18123);
-the scratch database `hartonomous_lookup_bench` is dropped at the end.
+the scratch database `hartonomous_lookup_bench` is dropped at the end. With
+`--chdb` the same runs in current ClickHouse embedded in this process
+(chDB, a temporary directory, one thread per query); there is no query log,
+so the CPU column is this process's CPU time around the query and the rows
+column is empty.
 """
 import hashlib
 import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
 
 SERVER = os.environ.get("HARTONOMOUS_TEST_CLICKHOUSE", "http://127.0.0.1:18123").rstrip("/") + "/"
 DB = "hartonomous_lookup_bench"
-ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
-REPEAT = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+CHDB = "--chdb" in sys.argv[1:]
+ARGS = [a for a in sys.argv[1:] if a != "--chdb"]
+ROWS = int(ARGS[0]) if ARGS else 1_000_000
+REPEAT = int(ARGS[1]) if len(ARGS) > 1 else 5
+SESSION = None
 HASHES = 2_500
 COLUMNS = "content_hash String, source_topic String, source_partition Int32, source_offset Int64"
 
 
 def query(sql, **params):
+    if CHDB:
+        return str(SESSION.query(f"{sql} SETTINGS max_query_size = 4000000, max_threads = 1" if sql.startswith("SELECT") else sql, "TSV"))
     url = SERVER + "?" + urllib.parse.urlencode({"max_query_size": 4_000_000, **params})
     with urllib.request.urlopen(urllib.request.Request(url, data=sql.encode())) as r:
         return r.read().decode()
@@ -77,7 +88,29 @@ def cases():
     ]
 
 
+def main_chdb():
+    global SESSION
+    from chdb import session
+
+    with tempfile.TemporaryDirectory() as path:
+        SESSION = session.Session(path)
+        setup()
+        cpu = {}
+        for _ in range(REPEAT):
+            for name, sql in cases():
+                start = time.process_time()
+                query(sql)
+                cpu.setdefault(name, []).append((time.process_time() - start) * 1000)
+        print(f"{ROWS:,} stored hashes, look-up of {HASHES:,} (half stored), median of {REPEAT}, chDB")
+        print(f"{'layout':<28}{'rows read':>12}{'CPU ms':>9}")
+        for name, ms in cpu.items():
+            print(f"{name:<28}{'':>12}{statistics.median(ms):>9.1f}")
+        SESSION.close()
+
+
 def main():
+    if CHDB:
+        return main_chdb()
     setup()
     runs = {}
     for _ in range(REPEAT):
