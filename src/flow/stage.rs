@@ -172,6 +172,20 @@ fn tally<O>(name: &'static str, ctx: &StageContext, records_in: usize, outcomes:
     ctx.metrics.stage_batch(name, records_in, out, seconds);
 }
 
+/// Lets the stage that was just handed a batch start on it now.
+///
+/// Sending a batch wakes the next stage's task, and tokio runs a task woken
+/// from a worker next on that same worker (its LIFO slot), where the other
+/// workers do not steal it. A stage whose `process` computes without awaiting (a
+/// local embedding model, decoding a window) would keep that worker until it
+/// waits for input again, so the next stage could not start although the
+/// other core was idle: measured in the embedded topology, persist of window
+/// 1 began only after embed had finished windows 2 to 4. Yielding puts this
+/// task behind the woken one, where an idle worker can take it.
+async fn hand_over() {
+    tokio::task::yield_now().await;
+}
+
 /// Runs `stage` over every batch from `rx`, one batch at a time, and returns
 /// the stage's output edge.
 pub fn spawn<S: Stage>(name: &'static str, mut stage: S, mut rx: mpsc::Receiver<Batch<S::In>>, ctx: &StageContext) -> mpsc::Receiver<Batch<S::Out>> {
@@ -194,6 +208,7 @@ pub fn spawn<S: Stage>(name: &'static str, mut stage: S, mut rx: mpsc::Receiver<
                     if tx.send(b).await.is_err() {
                         return; // downstream stopped; it reported why
                     }
+                    hand_over().await;
                 }
                 Err(f) => return ctx.report(f),
             }
@@ -223,7 +238,12 @@ pub fn spawn_concurrent<S: Stage + Clone>(
                 biased;
                 Some(result) = running.next(), if !running.is_empty() => {
                     match result {
-                        Ok(b) => if tx.send(b).await.is_err() { return },
+                        Ok(b) => {
+                            if tx.send(b).await.is_err() {
+                                return;
+                            }
+                            hand_over().await;
+                        }
                         Err(f) => return ctx.report(f),
                     }
                 }
