@@ -23,7 +23,7 @@ use hartonomous::topology::atom_ingestion::dedup::{self, Admitted, Dedup};
 use hartonomous::topology::atom_ingestion::embed::{Embed, Embedded};
 use hartonomous::topology::atom_ingestion::hash::{self, Hashed};
 use hartonomous::topology::atom_ingestion::ledger::{Fate, Ledger};
-use hartonomous::topology::atom_ingestion::persist::Persist;
+use hartonomous::topology::atom_ingestion::persist::{Persist, RecordArrivals, StoreAtoms};
 use hartonomous::topology::atom_ingestion::publish::Publish;
 use hartonomous::topology::atom_ingestion::validate;
 use hartonomous::topology::atom_ingestion::spec::ValidateSpec;
@@ -820,6 +820,15 @@ async fn persist_repeats_store_only_their_arrival_and_are_answered_matched() {
     assert_eq!(store.arrival_count(), 4);
 }
 
+/// A repeat, in the same window, of `persist_items`' "beta".
+fn repeat_of_beta() -> Item<Embedded> {
+    let mut repeat = Admitted::created(hashed("text/plain", b"beta"));
+    repeat.outcome = ArrivalOutcome::Matched;
+    repeat.matched_by = Some(dedup::IN_WINDOW);
+    repeat.store_atom = false;
+    item(record(0, 8, None, Vec::new(), &[]), Embedded { admitted: repeat, embedding: Vec::new() })
+}
+
 #[tokio::test]
 async fn persist_row_rejected_by_the_store_is_isolated_and_its_repeats_answer_the_same() {
     let dir = tempfile::tempdir().unwrap();
@@ -834,12 +843,8 @@ async fn persist_row_rejected_by_the_store_is_isolated_and_its_repeats_answer_th
     }
     stage.ledger = Some(ledger.clone());
     // A repeat of the poison content in the same window.
-    let mut repeat = Admitted::created(hashed("text/plain", b"beta"));
-    repeat.outcome = ArrivalOutcome::Matched;
-    repeat.matched_by = Some(dedup::IN_WINDOW);
-    repeat.store_atom = false;
     let mut items = persist_items();
-    items.push(item(record(0, 8, None, Vec::new(), &[]), Embedded { admitted: repeat, embedding: Vec::new() }));
+    items.push(repeat_of_beta());
     let out = stage.process(items).await.unwrap();
     assert_eq!(summary(&out), vec!["continue", "invalid:persist.rejected", "continue", "invalid:persist.rejected"]);
     let r = rejection(&out[1]);
@@ -854,6 +859,71 @@ async fn persist_row_rejected_by_the_store_is_isolated_and_its_repeats_answer_th
     assert_eq!(ledger.lock().unwrap().fate(&ContentHash::of(b"alpha")), Some(&Fate::Stored));
     // The whole batch first, then one row at a time.
     assert_eq!(store.insert_sizes(), vec![3, 1, 1, 1]);
+}
+
+/// The topology runs persist as two stages (atoms, then arrivals) so that
+/// one window's arrivals overlap the next window's atoms. Together they
+/// answer as the one stage does, the arrivals wait for the atoms, and the
+/// arrivals and events carry the time the atoms were stored at.
+#[tokio::test]
+async fn persist_as_two_stages_answers_as_one_and_stores_atoms_first() {
+    let window = |store: &Arc<dyn AtomStore>, clock: &ManualClock| {
+        let (mut stage, metrics) = persist_stage(store.clone(), clock);
+        let ledger = Ledger::shared(10);
+        for i in persist_items() {
+            ledger.lock().unwrap().admit(i.value.admitted.hashed.hash);
+        }
+        stage.ledger = Some(ledger);
+        let mut items = persist_items();
+        items.push(repeat_of_beta());
+        (stage, metrics, items)
+    };
+    let poison = ContentHash::of(b"beta");
+
+    let one_dir = tempfile::tempdir().unwrap();
+    let one_inner = open_store(&one_dir);
+    let one_store: Arc<dyn AtomStore> = Arc::new(FakeStore { inner: Some(one_inner.clone()), reject: Some(poison), ..FakeStore::default() });
+    let (mut one, _, items) = window(&one_store, &ManualClock::new(NOW_MS));
+    let expected = one.process(items).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let inner = open_store(&dir);
+    let store: Arc<dyn AtomStore> = Arc::new(FakeStore { inner: Some(inner.clone()), reject: Some(poison), ..FakeStore::default() });
+    let clock = ManualClock::new(NOW_MS);
+    let (stage, metrics, items) = window(&store, &clock);
+    let records: Vec<_> = items.iter().map(|i| i.record.clone()).collect();
+    let stage = Arc::new(stage);
+    let stored = StoreAtoms(stage.clone()).process(items).await.unwrap();
+    assert_eq!(inner.atom_count(), 2, "atoms first");
+    assert_eq!(inner.arrival_count(), 0, "no arrival before the arrivals stage");
+    assert_eq!(metrics.value(counters::ATOMS_STORED), 2);
+    clock.advance(std::time::Duration::from_secs(3));
+    let mut outcomes: Vec<Option<Outcome<AtomIngested>>> = Vec::new();
+    let mut live = Vec::new();
+    for (record, o) in records.into_iter().zip(stored) {
+        match o {
+            Outcome::Continue(v) => {
+                outcomes.push(None);
+                live.push(Item { record, value: v });
+            }
+            Outcome::Invalid(r) => outcomes.push(Some(Outcome::Invalid(r))),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    let mut answered = RecordArrivals(stage).process(live).await.unwrap().into_iter();
+    let got: Vec<Outcome<AtomIngested>> = outcomes.into_iter().map(|o| o.unwrap_or_else(|| answered.next().unwrap())).collect();
+    assert_eq!(summary(&got), vec!["continue", "invalid:persist.rejected", "continue", "invalid:persist.rejected"]);
+    assert_eq!(summary(&got), summary(&expected));
+    for (g, e) in got.iter().zip(&expected) {
+        match (g, e) {
+            (Outcome::Continue(g), Outcome::Continue(e)) => assert_eq!(g, e, "events stamped with the atoms' time, NOW_MS"),
+            (Outcome::Invalid(g), Outcome::Invalid(e)) => assert_eq!((&g.code, &g.message), (&e.code, &e.message)),
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!((inner.atom_count(), inner.arrival_count()), (one_inner.atom_count(), one_inner.arrival_count()));
+    assert_eq!(inner.arrival_count(), 2);
+    assert_eq!(metrics.value(counters::ARRIVALS_STORED), 2);
 }
 
 #[tokio::test]

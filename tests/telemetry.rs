@@ -107,7 +107,7 @@ fn a_run_exports_a_span_per_window_and_per_stage_call() {
         assert_eq!(attribute(s, "stage").as_deref(), Some(s.name.as_str()));
         stages.insert(s.name.clone());
     }
-    let expected: BTreeSet<String> = ["decode", "validate", "hash", "dedup", "embed", "persist", "publish"].map(String::from).into();
+    let expected: BTreeSet<String> = ["decode", "validate", "hash", "dedup", "embed", "persist", "arrivals", "publish"].map(String::from).into();
     assert_eq!(stages, expected);
 }
 

@@ -1,6 +1,7 @@
 //! The atom-ingestion topology. One record's path, one file per stage:
 //! [`decode`] → [`validate`] → [`hash`] → [`dedup`] → [`embed`] → [`persist`]
-//! → [`publish`], then the runner's acker (dead letters, commit). The
+//! (two stages: the atoms, then the arrivals) → [`publish`], then the
+//! runner's acker (dead letters, commit). The
 //! [`ledger`] is what dedup admitted and what became of it.
 
 /// Stage 1, shared by every topology (see [`crate::topology::decode`]).
@@ -163,7 +164,11 @@ async fn build(spec: &TopologySpec, deps: &Deps, ctx: &StageContext) -> Result<P
         ledger: ledger.clone(),
         looked_up: dedup_spec.is_some(),
     };
-    let rx = stage::spawn("persist", persist, rx, ctx);
+    // One window's arrivals are written while the next window's atoms are
+    // (see persist.rs); both stages use the `persist` configuration.
+    let persist = Arc::new(persist);
+    let rx = stage::spawn("persist", persist::StoreAtoms(persist.clone()), rx, ctx);
+    let rx = stage::spawn("arrivals", persist::RecordArrivals(persist), rx, ctx);
     let tail: mpsc::Receiver<Batch<()>> = match stages.publish() {
         Some(p) => {
             let publish = publish::Publish::new(deps.producer.clone(), deps.registry.as_ref(), &p.topic, &p.schema, resilient(&p.retry, &log_breaker), deps.metrics.clone()).await?;
