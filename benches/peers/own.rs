@@ -42,8 +42,13 @@ fn setup(args: &Args) -> (Profile, TopologySpec) {
     kafka.create_topics = true;
     // Experiments (this row only): HARTONOMOUS_PEERS_LINGER=ms (the
     // producer's linger.ms), HARTONOMOUS_PEERS_QUEUED_KB=kB (the consumer's
-    // prefetch, queued.max.messages.kbytes).
-    for (name, key) in [("HARTONOMOUS_PEERS_LINGER", "linger.ms"), ("HARTONOMOUS_PEERS_QUEUED_KB", "queued.max.messages.kbytes")] {
+    // prefetch, queued.max.messages.kbytes), HARTONOMOUS_PEERS_FETCH_WAIT_MS=ms
+    // (the consumer's fetch.wait.max.ms).
+    for (name, key) in [
+        ("HARTONOMOUS_PEERS_LINGER", "linger.ms"),
+        ("HARTONOMOUS_PEERS_QUEUED_KB", "queued.max.messages.kbytes"),
+        ("HARTONOMOUS_PEERS_FETCH_WAIT_MS", "fetch.wait.max.ms"),
+    ] {
         if let Ok(v) = std::env::var(name) {
             kafka.properties.insert(key.to_string(), v);
         }
@@ -141,6 +146,13 @@ pub async fn latency(args: &Args, rate: f64) {
         *b -= was;
     }
     t.count -= before.count;
+    // Where a window's time goes at this rate (means over the whole run).
+    let stages: Vec<String> = metrics
+        .stages()
+        .iter()
+        .map(|(stage, s)| format!("{stage} {:.0} ms × {}", 1000.0 * s.latency.sum / s.latency.count.max(1) as f64, s.latency.count))
+        .collect();
+    eprintln!("peers: latency, mean time per window: {}", stages.join(", "));
     stop.send(()).unwrap();
     let summary = run.await.unwrap().unwrap();
     assert_eq!(summary.count(counters::ATOMS_STORED), args.n as u64 + 1, "{}", summary.render());
