@@ -22,7 +22,8 @@
 //!   the same contents, nothing else;
 //! - `event_encode_value` / `event_encode_direct`: one `AtomIngested` event
 //!   per record framed for the output topic, the old way (`to_value`,
-//!   `resolve`, `wire::encode`) and the publish stage's (`wire::encode_ser`).
+//!   `resolve`, `wire::encode`) and the `topology::emit::Emitter`'s, which
+//!   every topology's events take (`wire::encode_ser`).
 //!
 //! Group `embedded_topology` (N = 5 000 unique records of ~1 KiB text):
 //! - `atom_ingestion`: the whole bundled `atom-ingestion` topology (decode →

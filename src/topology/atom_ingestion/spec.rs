@@ -198,7 +198,7 @@ impl Stages {
                     StageSpec::Hash(_) => "SHA-256 of the content = atom identity".to_string(),
                     StageSpec::Dedup(d) => format!("created or matched: against the store, then in window and the last {} admitted", d.recent_capacity),
                     StageSpec::Embed(e) => format!("batched embedding calls, {} in flight", e.concurrency),
-                    StageSpec::Persist(_) => "idempotent inserts: new atoms into `atoms` (by content hash), then every request into `atom_arrivals` (by position)".to_string(),
+                    StageSpec::Persist(_) => "idempotent inserts: new atoms into `atoms` (by content hash), then every request into `atom_arrivals` (by position), as two tasks (`persist`, `arrivals`) so one window's arrivals overlap the next window's atoms".to_string(),
                     StageSpec::Publish(p) => format!("-> {} ({}): one event per accepted request, created or matched", p.topic, p.schema),
                 };
                 (stage.name().to_string(), detail)
